@@ -1,0 +1,44 @@
+"""``jupyterhub-launcher run --config FILE`` (also ``python -m consumer``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .config import ConfigError, Settings, load_settings
+
+# These log whole AMQP frames, message bodies (user tokens) included, at DEBUG.
+CHATTY_LOGGERS = ("aio_pika", "aiormq", "pamqp")
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(max(settings.log_level, logging.INFO))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jupyterhub-launcher", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="consume launch/remove/read commands")
+    run.add_argument("--config", default=None, help="YAML config file (default: ./config.yaml if present)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as error:
+        print(f"jupyterhub-launcher: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+
+    from .service import serve  # the service's dependencies only when it runs
+
+    asyncio.run(serve(settings))
+    return 0

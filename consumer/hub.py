@@ -1,0 +1,206 @@
+"""A JupyterHub REST API client: users, servers, progress streams and tokens.
+
+It knows HTTP and JupyterHub, nothing of AMQP. Transient failures (connection errors, 5xx, 429) are
+retried with the hub's ``Retry-After`` or exponential backoff with jitter until the client's
+``deadline`` (a ``loop.time()``), then surface as ``HubUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+# Plain requests should be quick; the hub holds a start request up to slow_spawn_timeout (10 s).
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
+# The progress stream sends a keepalive every 8 s: silence for longer means the hub is gone.
+STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=30)
+BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0
+
+
+class HubError(Exception):
+    """The hub answered with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class HubUnavailable(Exception):
+    """The hub could not be reached, or kept failing, until the deadline."""
+
+
+def _user_path(username: str) -> str:
+    return f"/users/{quote(username, safe='')}"
+
+
+def _path(username: str, server_name: str = "") -> str:
+    user = _user_path(username)
+    if server_name:
+        return f"{user}/servers/{quote(server_name, safe='')}"
+    return f"{user}/server"
+
+
+@dataclasses.dataclass(frozen=True)
+class HubClient:
+    session: aiohttp.ClientSession
+    api_url: str  # e.g. http://127.0.0.1:8081/hub/api
+    token: str = dataclasses.field(repr=False)
+    deadline: float | None = None  # loop.time() after which transient failures stop being retried
+
+    def until(self, deadline: float) -> HubClient:
+        """The same client, retrying transient failures only until ``deadline``."""
+        return dataclasses.replace(self, deadline=deadline)
+
+    @property
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"token {self.token}"}
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        ok: tuple[int, ...] = (200, 201, 202, 204),
+        retry_server_errors: bool = True,
+    ) -> tuple[int, Any]:
+        """``(status, json or None)``; raises HubError for statuses outside ``ok``."""
+        attempt = 0
+        while True:
+            attempt += 1
+            delay: float | None = None
+            try:
+                async with self.session.request(
+                    method,
+                    self.api_url + path,
+                    json=body,
+                    headers=self._headers,
+                    timeout=REQUEST_TIMEOUT,
+                ) as response:
+                    data = await _read_json(response)
+                    if response.status in ok:
+                        return response.status, data
+                    message = _message(data, response.reason)
+                    if response.status == 429:
+                        delay = _retry_after(response.headers.get("Retry-After"))
+                    elif response.status < 500 or not retry_server_errors:
+                        raise HubError(response.status, message)
+                    failure = f"{response.status} {message}"
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as error:
+                failure = f"{type(error).__name__}: {error}"
+            if delay is None:
+                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (attempt - 1))
+                delay = random.uniform(delay / 2, delay)
+            self._check_deadline(delay, f"{method} {path}: {failure}")
+            log.info("hub %s %s failed (%s); retrying in %.1f s", method, path, failure, delay)
+            await asyncio.sleep(delay)
+
+    def _check_deadline(self, delay: float, failure: str) -> None:
+        if self.deadline is not None and asyncio.get_running_loop().time() + delay > self.deadline:
+            raise HubUnavailable(failure)
+
+    async def version(self) -> str:
+        _, data = await self._request("GET", "/")
+        return str(data["version"])
+
+    async def ensure_user(self, username: str) -> None:
+        await self._request("POST", _user_path(username), ok=(201, 409))
+
+    async def get_user(self, username: str) -> dict[str, Any] | None:
+        status, data = await self._request(
+            "GET", _user_path(username), ok=(200, 404)
+        )
+        return data if status == 200 else None
+
+    async def get_server(self, username: str, server_name: str = "") -> dict[str, Any] | None:
+        """The server model, or None when the user or the server does not exist (or is stopped)."""
+        user = await self.get_user(username)
+        if user is None:
+            return None
+        server = (user.get("servers") or {}).get(server_name)
+        return server or None
+
+    async def start_server(self, username: str, server_name: str, options: dict[str, Any]) -> int:
+        """POST the start: 201 ready, 202 pending. A 500 is not retried: it may be a failed spawn."""
+        status, _ = await self._request(
+            "POST", _path(username, server_name), body=options, ok=(201, 202), retry_server_errors=False
+        )
+        return status
+
+    async def stop_server(self, username: str, server_name: str = "") -> int:
+        """DELETE the server: 204 stopped (or was not running), 202 stopping."""
+        status, _ = await self._request("DELETE", _path(username, server_name), ok=(202, 204))
+        return status
+
+    async def create_token(
+        self, username: str, scopes: list[str], expires_in: int, note: str
+    ) -> tuple[str, str]:
+        """``(token, token_id)``."""
+        _, data = await self._request(
+            "POST",
+            _user_path(username) + "/tokens",
+            body={"scopes": scopes, "expires_in": expires_in, "note": note},
+            ok=(200, 201),
+        )
+        return data["token"], data["id"]
+
+    async def revoke_token(self, username: str, token_id: str) -> None:
+        await self._request(
+            "DELETE", _user_path(username) + f"/tokens/{quote(token_id)}", ok=(204, 404)
+        )
+
+    async def progress(self, username: str, server_name: str = "") -> AsyncIterator[dict[str, Any]]:
+        """JupyterHub's progress events for a starting server, until it is ready or failed.
+
+        Raises HubError (400: not starting, 403: no ``read:servers``, 404: no such server) or the
+        connection's errors; a stream that ends early just stops iterating.
+        """
+        async with self.session.get(
+            self.api_url + _path(username, server_name) + "/progress",
+            headers={**self._headers, "Accept": "text/event-stream"},
+            timeout=STREAM_TIMEOUT,
+        ) as response:
+            if response.status != 200:
+                data = await _read_json(response)
+                raise HubError(response.status, _message(data, response.reason))
+            async for raw in response.content:
+                line = raw.decode("utf-8", "replace").strip()
+                if not line.startswith("data:"):
+                    continue  # blank separators and keepalive comments
+                try:
+                    event = json.loads(line[5:])
+                except ValueError:
+                    continue
+                yield event
+                if event.get("ready") or event.get("failed"):
+                    return
+
+
+async def _read_json(response: aiohttp.ClientResponse) -> Any:
+    try:
+        return await response.json(content_type=None)
+    except ValueError:
+        return None
+
+
+def _message(data: Any, reason: str | None) -> str:
+    if isinstance(data, dict) and data.get("message"):
+        return str(data["message"])
+    return reason or "no message"
+
+
+def _retry_after(header: str | None) -> float:
+    try:
+        return max(0.0, float(header)) if header else 1.0
+    except ValueError:
+        return 1.0

@@ -1,0 +1,152 @@
+"""Real RabbitMQ (127.0.0.1:5672) and a real JupyterHub, isolated per test by unique names."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aio_pika
+import pytest
+
+from consumer.config import Settings
+from consumer.service import serve
+from tests.support.localhub import LocalHub
+
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def hub() -> Iterator[LocalHub]:
+    with LocalHub() as running:
+        yield running
+
+
+def make_settings(hub: LocalHub, **overrides: Any) -> Settings:
+    name = unique("test-")
+    values: dict[str, Any] = {
+        "jupyterhub_url": hub.url,
+        "jupyterhub_api_token": hub.token,
+        "amqp_url": AMQP_URL,
+        "command_queue": f"{name}.commands",
+        "reply_exchange": f"{name}.replies",
+        "events_exchange": f"{name}.events",
+        "launch_timeout": 60,
+        "shutdown_grace": 5,
+        "status_check_interval": 0.5,
+        **overrides,
+    }
+    return Settings.model_validate(values)
+
+
+@pytest.fixture
+def settings(hub: LocalHub) -> Settings:
+    return make_settings(hub)
+
+
+@contextlib.asynccontextmanager
+async def running_service(settings: Settings) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+@pytest.fixture
+async def service(settings: Settings) -> AsyncIterator[None]:
+    async with running_service(settings):
+        yield
+
+
+class Client:
+    """A publisher as a platform service would write one: RPC calls plus event subscriptions."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.results: list[tuple[str, dict[str, Any]]] = []
+        self.events: list[dict[str, Any]] = []
+        self.event_messages: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+    async def __aenter__(self) -> Client:
+        self.connection = await aio_pika.connect_robust(AMQP_URL)
+        self.channel = await self.connection.channel()
+        self.reply_queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+        await self.reply_queue.consume(self._on_reply, no_ack=True)
+        replies = await self.channel.declare_exchange(
+            self.settings.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        events = await self.channel.declare_exchange(
+            self.settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        results_queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+        await results_queue.bind(replies, "#")
+        await results_queue.consume(self._on_result, no_ack=True)
+        events_queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+        await events_queue.bind(events, "#")
+        await events_queue.consume(self._on_event, no_ack=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.connection.close()
+
+    async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        future = self.replies.get(message.correlation_id or "")
+        if future is not None and not future.done():
+            future.set_result(json.loads(message.body))
+
+    async def _on_result(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.results.append((message.routing_key or "", json.loads(message.body) | {"_correlation_id": message.correlation_id}))
+
+    async def _on_event(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.event_messages.append(message)
+        self.events.append(json.loads(message.body))
+
+    async def send(self, body: dict[str, Any] | bytes, correlation_id: str | None = None, **properties: Any) -> str:
+        correlation_id = correlation_id or uuid.uuid4().hex
+        self.replies[correlation_id] = asyncio.get_running_loop().create_future()
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        await self.channel.default_exchange.publish(
+            aio_pika.Message(
+                raw,
+                content_type="application/json",
+                correlation_id=correlation_id,
+                reply_to=self.reply_queue.name,
+                message_id=properties.pop("message_id", uuid.uuid4().hex),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                **properties,
+            ),
+            routing_key=self.settings.command_queue,
+        )
+        return correlation_id
+
+    async def reply(self, correlation_id: str, timeout: float = 90) -> dict[str, Any]:
+        return await asyncio.wait_for(asyncio.shield(self.replies[correlation_id]), timeout)
+
+    async def call(self, body: dict[str, Any] | bytes, timeout: float = 90, **properties: Any) -> dict[str, Any]:
+        return await self.reply(await self.send(body, **properties), timeout)
+
+    def events_for(self, correlation_id: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("correlationid") == correlation_id]
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[Client]:
+    async with Client(settings) as connected:
+        yield connected
+
+
+@pytest.fixture
+def username() -> str:
+    return unique("u")

@@ -1,0 +1,69 @@
+"""JupyterHub config for the tests and the demo: null authenticator, a ``launcher`` service.
+
+Read from the environment that ``localhub.py`` sets: LOCALHUB_DIR, LOCALHUB_PORT, LOCALHUB_HUB_PORT,
+LOCALHUB_PROXY_API_PORT, LOCALHUB_SERVICE_TOKEN, LOCALHUB_CHP, and optional LOCALHUB_EXTRA (JSON of
+``JupyterHub`` settings, e.g. a spawn limit for the 429 test).
+
+Images choose what runs: ``jupyter`` a real jupyterhub-singleuser; ``standin`` the stand-in server;
+``standin:slow-N`` one that starts listening after N s; ``standin:crash`` one that exits at once.
+"""
+
+import json
+import os
+import sys
+
+from consumer.spawner import LocalLauncherSpawner
+
+c = get_config()  # noqa: F821 (JupyterHub's config loader provides it)
+state = os.environ["LOCALHUB_DIR"]
+standin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standin.py")
+
+
+class TestSpawner(LocalLauncherSpawner):
+    def get_env(self):
+        env = super().get_env()
+        if self.launcher_image.startswith("standin:slow-"):
+            env["STANDIN_DELAY"] = self.launcher_image.rsplit("-", 1)[1]
+        if self.launcher_image == "standin:crash":
+            env["STANDIN_EXIT"] = "3"
+        return env
+
+    async def start(self):
+        self.launcher_apply(self.user_options or {})
+        if self.launcher_image.startswith("standin"):
+            self.cmd = [sys.executable, standin]
+            self.args = []
+        else:
+            self.cmd = [os.path.join(os.path.dirname(sys.executable), "jupyterhub-singleuser")]
+            self.args = ["--allow-root"]
+        return await super(LocalLauncherSpawner, self).start()
+
+    def get_args(self):
+        if self.launcher_image.startswith("standin"):
+            return []  # the stand-in reads its port from JUPYTERHUB_SERVICE_URL
+        return super().get_args()
+
+
+c.JupyterHub.ip = "127.0.0.1"
+c.JupyterHub.port = int(os.environ["LOCALHUB_PORT"])
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = int(os.environ["LOCALHUB_HUB_PORT"])
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{os.environ['LOCALHUB_PROXY_API_PORT']}"
+c.ConfigurableHTTPProxy.command = [os.environ["LOCALHUB_CHP"]]
+c.JupyterHub.db_url = f"sqlite:///{state}/jupyterhub.sqlite"
+c.JupyterHub.cookie_secret_file = f"{state}/jupyterhub_cookie_secret"
+c.JupyterHub.pid_file = f"{state}/jupyterhub.pid"
+c.JupyterHub.cleanup_servers = True
+c.JupyterHub.authenticator_class = "null"
+c.Authenticator.allow_all = True
+c.JupyterHub.allow_named_servers = True
+c.JupyterHub.spawner_class = TestSpawner
+c.SimpleLocalProcessSpawner.home_dir_template = f"{state}/home/{{username}}"
+c.Spawner.start_timeout = 60
+c.Spawner.http_timeout = 30
+c.JupyterHub.services = [{"name": "launcher", "api_token": os.environ["LOCALHUB_SERVICE_TOKEN"]}]
+c.JupyterHub.load_roles = [
+    {"name": "launcher", "scopes": ["admin:users", "servers", "tokens"], "services": ["launcher"]}
+]
+for key, value in json.loads(os.environ.get("LOCALHUB_EXTRA", "{}")).items():
+    setattr(c.JupyterHub, key, value)
