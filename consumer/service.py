@@ -17,8 +17,11 @@ from .workflows import Workflows
 log = logging.getLogger(__name__)
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Consume commands until ``stop`` is set (SIGTERM and SIGINT set it)."""
+async def serve(
+    settings: Settings, stop: asyncio.Event | None = None, started: asyncio.Event | None = None
+) -> None:
+    """Consume commands until ``stop`` is set (SIGTERM and SIGINT set it); ``started`` is set once
+    the queues exist and consuming has begun."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -32,6 +35,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         worker = Worker(settings, broker, Workflows(hub, settings))
         await broker.consume(worker.on_message)
         log.info("consuming %s (hub %s)", settings.command_queue, settings.hub_api_url)
+        if started is not None:
+            started.set()
         try:
             await stop.wait()
         finally:

@@ -47,15 +47,31 @@ def make_settings(hub: LocalHub, **overrides: Any) -> Settings:
     return Settings.model_validate(values)
 
 
+async def delete_topology(settings: Settings) -> None:
+    """Quorum queues are Raft clusters: left behind, hundreds of them load the broker."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (settings.command_queue, settings.dead_letter_queue):
+            await channel.queue_delete(queue)
+        for exchange in (settings.reply_exchange, settings.events_exchange, settings.dead_letter_exchange):
+            await channel.exchange_delete(exchange)
+
+
 @pytest.fixture
-def settings(hub: LocalHub) -> Settings:
-    return make_settings(hub)
+async def settings(hub: LocalHub) -> AsyncIterator[Settings]:
+    made = make_settings(hub)
+    yield made
+    await delete_topology(made)
 
 
 @contextlib.asynccontextmanager
 async def running_service(settings: Settings) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(settings, stop))
+    stop, started = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop, started))
+    await asyncio.wait({task, asyncio.create_task(started.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # start-up failed: raise its error here
     try:
         yield
     finally:
@@ -81,7 +97,7 @@ class Client:
 
     async def __aenter__(self) -> Client:
         self.connection = await aio_pika.connect_robust(AMQP_URL)
-        self.channel = await self.connection.channel()
+        self.channel = await self.connection.channel(on_return_raises=True)
         self.reply_queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
         await self.reply_queue.consume(self._on_reply, no_ack=True)
         replies = await self.channel.declare_exchange(
@@ -128,6 +144,7 @@ class Client:
                 **properties,
             ),
             routing_key=self.settings.command_queue,
+            mandatory=True,  # a command with no queue to go to fails the test instead of vanishing
         )
         return correlation_id
 

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-import aiohttp
+import asyncio
+import json
 
+import aiohttp
+import pytest
+
+from consumer.hub import HubClient
 from tests.conftest import Client
+from tests.support.localhub import LocalHub
+
+
+@pytest.fixture
+async def hub_api(hub: LocalHub):
+    async with aiohttp.ClientSession() as session:
+        yield HubClient(session, hub.api_url, hub.token)
 
 
 async def test_launch_returns_a_url_that_the_returned_token_opens(service: None, client: Client, username: str) -> None:
@@ -13,8 +25,193 @@ async def test_launch_returns_a_url_that_the_returned_token_opens(service: None,
     assert reply["ok"] is True, reply
     result = reply["result"]
     assert result["url"] == f"{client.settings.public_url}/user/{username}/"
+    assert set(result) == {"image", "server_name", "token", "url", "username", "cpu", "memory", "gpu", "vols"}
     async with aiohttp.ClientSession() as http:
         async with http.get(result["url"] + "api/status", headers={"Authorization": f"token {result['token']}"}) as r:
             assert r.status == 200
-        async with http.get(result["url"] + "api/status") as r:
+        async with http.get(result["url"] + "api/status", allow_redirects=False) as r:
             assert r.status in (302, 403)
+
+
+async def test_launch_of_a_named_server_echoes_the_options_like_the_older_worker(
+    service: None, client: Client, username: str, hub_api: HubClient
+) -> None:
+    command = {
+        "action": "launch",
+        "username": username,
+        "server_name": "lab-1",
+        "image": "standin",
+        "cpu": {"request": 0.5, "limit": 2},
+        "memory": {"request": "512M", "limit": "1G"},
+        "vols": [{"pvc": f"claim-{username}", "mount": "/home/jovyan/work", "subpath": "a"}],
+    }
+    reply = await client.call(command)
+
+    assert reply["ok"] is True, reply
+    result = reply["result"]
+    assert result["url"].endswith(f"/user/{username}/lab-1/")
+    assert result["server_name"] == "lab-1"
+    assert result["cpu"] == {"request": 0.5, "limit": 2.0}
+    assert result["memory"] == {"request": "512M", "limit": "1G"}
+    assert result["gpu"] is None
+    assert result["vols"] == [{"pvc": f"claim-{username}", "mount": "/home/jovyan/work", "subpath": "a"}]
+    server = await hub_api.get_server(username, "lab-1")
+    assert server is not None and server["ready"] is True
+    assert server["user_options"]["memory"] == {"request": "512M", "limit": "1G"}
+
+
+async def test_read_returns_the_hub_server_model_and_not_found_when_absent(
+    service: None, client: Client, username: str
+) -> None:
+    missing = await client.call({"action": "read", "username": username})
+    assert missing["ok"] is False
+    assert missing["error"]["code"] == "not_found"
+
+    assert (await client.call({"action": "launch", "username": username, "image": "standin"}))["ok"]
+    found = await client.call({"action": "read", "username": username})
+    assert found["ok"] is True, found
+    assert found["result"]["ready"] is True
+    assert found["result"]["url"] == f"/user/{username}/"
+    assert {"name", "pending", "started", "last_activity", "progress_url"} <= set(found["result"])
+
+
+async def test_remove_stops_the_server_and_removing_a_stopped_one_is_ok(
+    service: None, client: Client, username: str, hub_api: HubClient
+) -> None:
+    assert (await client.call({"action": "launch", "username": username, "server_name": "x", "image": "standin"}))["ok"]
+
+    removed = await client.call({"action": "remove", "username": username, "server_name": "x"})
+    assert removed == {
+        "ok": True, "action": "remove", "username": username, "server_name": "x",
+        "result": {"stopped": True}, "error": None,
+    }
+    assert await hub_api.get_server(username, "x") is None
+    again = await client.call({"action": "remove", "username": username, "server_name": "x"})
+    assert again["ok"] is True
+    nobody = await client.call({"action": "remove", "username": username + "z"})
+    assert nobody["ok"] is True
+
+
+async def test_running_server_with_same_options_is_returned_with_a_fresh_token(
+    service: None, client: Client, username: str
+) -> None:
+    command = {"action": "launch", "username": username, "image": "standin", "cpu": {"limit": 1}}
+    first = await client.call(command)
+    second = await client.call(command)
+
+    assert first["ok"] and second["ok"], (first, second)
+    assert second["result"]["url"] == first["result"]["url"]
+    assert second["result"]["token"] != first["result"]["token"]
+
+
+async def test_running_server_with_other_options_is_already_running(
+    service: None, client: Client, username: str
+) -> None:
+    assert (await client.call({"action": "launch", "username": username, "image": "standin"}))["ok"]
+    other = await client.call({"action": "launch", "username": username, "image": "standin", "cpu": {"limit": 2}})
+
+    assert other["ok"] is False
+    assert other["error"]["code"] == "already_running"
+    assert other["error"]["details"]["user_options"] == {"image": "standin"}
+
+
+async def test_spawn_failure_reports_jupyterhubs_message_and_leaves_nothing_pending(
+    service: None, client: Client, username: str, hub_api: HubClient
+) -> None:
+    reply = await client.call({"action": "launch", "username": username, "image": "standin:crash"})
+
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "spawn_failed"
+    assert reply["error"]["message"] == "Spawn failed: the stand-in image is broken on purpose"
+    assert await hub_api.get_server(username) is None
+    _, tokens = await hub_api._request("GET", f"/users/{username}/tokens")
+    assert [t for t in tokens["api_tokens"] if "launcher" in (t["note"] or "")] == [], tokens
+
+
+async def test_timeout_stops_the_half_started_server_and_revokes_its_token(
+    service: None, client: Client, username: str, hub_api: HubClient
+) -> None:
+    reply = await client.call({"action": "launch", "username": username, "image": "standin:slow-30", "timeout": 3})
+
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "spawn_timeout"
+    assert "3 s" in reply["error"]["message"]
+    assert await hub_api.get_server(username) is None
+    _, tokens = await hub_api._request("GET", f"/users/{username}/tokens")
+    assert [t for t in tokens["api_tokens"] if "launcher" in (t["note"] or "")] == [], tokens
+
+
+async def test_events_come_in_order_and_never_carry_a_token(service: None, client: Client, username: str) -> None:
+    correlation_id = await client.send({"action": "launch", "username": username, "image": "standin:slow-1"})
+    reply = await client.reply(correlation_id)
+    assert reply["ok"], reply
+    await asyncio.sleep(0.3)  # events are published before the reply, but consumed on another queue
+
+    events = client.events_for(correlation_id)
+    types = [e["type"] for e in events]
+    assert types[0] == "launch.accepted"
+    assert types[-1] == "launch.ready"
+    assert "launch.progress" in types
+    assert set(types) <= {"launch.accepted", "launch.progress", "launch.ready"}
+    assert all(e["subject"] == f"{username}/" and e["specversion"] == "1.0" for e in events)
+    assert events[-1]["data"]["url"] == reply["result"]["url"]
+    progress = [e["data"]["progress"] for e in events if e["type"] == "launch.progress"]
+    assert progress == sorted(progress) and progress[-1] == 100
+    token = reply["result"]["token"]
+    raw = [m for m in client.event_messages if m.correlation_id == correlation_id]
+    assert raw and all(token.encode() not in m.body for m in raw)
+    assert all(m.content_type == "application/cloudevents+json" for m in raw)
+    assert [m.routing_key for m in raw] == types
+
+
+async def test_result_event_on_the_reply_exchange_matches_the_rpc_reply(
+    service: None, client: Client, username: str
+) -> None:
+    correlation_id = await client.send({"action": "launch", "username": username, "image": "standin"})
+    reply = await client.reply(correlation_id)
+    await asyncio.sleep(0.3)
+
+    results = [(key, body) for key, body in client.results if body.pop("_correlation_id") == correlation_id]
+    assert results == [("launch.ok", reply)]
+    bad = await client.send({"action": "read", "username": username + "-nobody"})
+    await client.reply(bad)
+    await asyncio.sleep(0.3)
+    assert any(key == "read.error" for key, _ in client.results)
+
+
+async def test_reply_reaches_a_direct_reply_to_consumer(service: None, client: Client, username: str) -> None:
+    import aio_pika
+
+    from tests.conftest import AMQP_URL
+
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        reply_queue = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
+
+        async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            got.set_result(message.body)
+
+        await reply_queue.consume(on_reply, no_ack=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                json.dumps({"action": "read", "username": username}).encode(),
+                reply_to="amq.rabbitmq.reply-to",
+                correlation_id="direct-1",
+            ),
+            routing_key=client.settings.command_queue,
+        )
+        body = json.loads(await asyncio.wait_for(got, 30))
+    assert body["action"] == "read" and body["error"]["code"] == "not_found"
+
+
+async def test_fifty_concurrent_launches_all_succeed(service: None, client: Client, username: str) -> None:
+    names = [f"{username}-{i}" for i in range(50)]
+    replies = await asyncio.gather(
+        *(client.call({"action": "launch", "username": n, "image": "standin"}, timeout=180) for n in names)
+    )
+    assert [r["ok"] for r in replies] == [True] * 50, [r["error"] for r in replies if not r["ok"]]
+    assert {r["result"]["url"] for r in replies} == {f"{client.settings.public_url}/user/{n}/" for n in names}
+    removed = await asyncio.gather(*(client.call({"action": "remove", "username": n}) for n in names))
+    assert all(r["ok"] for r in removed)

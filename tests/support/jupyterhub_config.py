@@ -5,7 +5,7 @@ LOCALHUB_PROXY_API_PORT, LOCALHUB_SERVICE_TOKEN, LOCALHUB_CHP, and optional LOCA
 ``JupyterHub`` settings, e.g. a spawn limit for the 429 test).
 
 Images choose what runs: ``jupyter`` a real jupyterhub-singleuser; ``standin`` the stand-in server;
-``standin:slow-N`` one that starts listening after N s; ``standin:crash`` one that exits at once.
+``standin:slow-N`` one that starts listening after N s; ``standin:crash`` a spawner that fails with a message.
 """
 
 import json
@@ -24,12 +24,12 @@ class TestSpawner(LocalLauncherSpawner):
         env = super().get_env()
         if self.launcher_image.startswith("standin:slow-"):
             env["STANDIN_DELAY"] = self.launcher_image.rsplit("-", 1)[1]
-        if self.launcher_image == "standin:crash":
-            env["STANDIN_EXIT"] = "3"
         return env
 
     async def start(self):
         self.launcher_apply(self.user_options or {})
+        if self.launcher_image == "standin:crash":
+            raise RuntimeError("the stand-in image is broken on purpose")
         if self.launcher_image.startswith("standin"):
             self.cmd = [sys.executable, standin]
             self.args = []

@@ -1,7 +1,7 @@
 """A stand-in single-user server: any path answers 200, so hub spawns cost ~20 MB and no Jupyter.
 
 The hub only needs a non-5xx answer at ``<server url>api``. ``STANDIN_DELAY`` (s) delays listening,
-to make spawns slow; ``STANDIN_EXIT`` makes the process exit with that status instead of serving.
+to make spawns slow.
 ``<server url>api/launcher-env`` shows the process's environment (without the hub's own secrets),
 so tests can see which options reached the process.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -36,9 +35,6 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main() -> None:
-    if os.environ.get("STANDIN_EXIT"):
-        print("stand-in server asked to fail", file=sys.stderr)
-        sys.exit(int(os.environ["STANDIN_EXIT"]))
     time.sleep(float(os.environ.get("STANDIN_DELAY", "0")))
     url = urlsplit(os.environ["JUPYTERHUB_SERVICE_URL"])
     ThreadingHTTPServer((url.hostname or "127.0.0.1", url.port or 80), Handler).serve_forever()

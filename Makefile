@@ -1,0 +1,37 @@
+# make demo: set up and run the service against a local JupyterHub.  make test: set up and test.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench schemas rabbitmq clean
+
+setup: $(VENV)/.installed node_modules/.installed rabbitmq
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+node_modules/.installed: package.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+rabbitmq:
+	@scripts/ensure-rabbitmq
+
+demo: setup
+	$(PY) -m tests.support.demo
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m benchmarks $(ARGS)
+
+# Regenerate the committed JSON Schema and AsyncAPI documents from the Pydantic models.
+schemas: $(VENV)/.installed
+	$(PY) -m schemas.export
+
+clean:
+	rm -rf $(VENV) node_modules
