@@ -46,7 +46,7 @@ class Broker:
         s = self.settings
         self.connection = await aio_pika.connect_robust(
             s.amqp_url.get_secret_value(),
-            client_properties={"connection_name": "jupyterhub-launcher"},
+            client_properties={"connection_name": f"jupyterhub-launcher {s.command_queue}"},
         )
         # Returned (unroutable) replies raise, so a vanished reply queue is noticed, not ignored.
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)  # type: ignore[assignment]
@@ -105,13 +105,19 @@ class Broker:
     async def publish_result(self, routing_key: str, correlation_id: str | None, body: bytes) -> None:
         assert self.replies is not None
         await self.replies.publish(
-            _message(body, "application/json", correlation_id), routing_key=routing_key, timeout=PUBLISH_TIMEOUT
+            _message(body, "application/json", correlation_id),
+            routing_key=routing_key,
+            mandatory=False,  # nobody need be subscribed to results
+            timeout=PUBLISH_TIMEOUT,
         )
 
     async def publish_event(self, routing_key: str, correlation_id: str | None, body: bytes, content_type: str) -> None:
         assert self.events is not None
         await self.events.publish(
-            _message(body, content_type, correlation_id), routing_key=routing_key, timeout=PUBLISH_TIMEOUT
+            _message(body, content_type, correlation_id),
+            routing_key=routing_key,
+            mandatory=False,  # nobody need be subscribed to events
+            timeout=PUBLISH_TIMEOUT,
         )
 
     async def close(self) -> None:
