@@ -44,6 +44,8 @@ class LocalHub:
     token: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
     state_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="localhub-")))
     process: subprocess.Popen[bytes] | None = None
+    # Another JupyterHub config file that reads the same LOCALHUB_* variables (the benchmarks' hub).
+    config: Path = CONFIG
 
     @property
     def url(self) -> str:
@@ -72,7 +74,7 @@ class LocalHub:
         env.pop("JUPYTERHUB_API_TOKEN", None)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub", "-f", str(CONFIG)],
+            [sys.executable, "-m", "jupyterhub", "-f", str(self.config)],
             cwd=self.state_dir,
             env=env,
             stdout=log,

@@ -1,0 +1,139 @@
+"""``python -m benchmarks`` (``make bench ARGS=...``): run scenarios 1–5, print the table, write JSON.
+
+Quick default (a few minutes on 2 cores): N = 1, 50; delays 0 s, 5 s; capacity 200; read 5 s.
+``--full`` is the issue's configuration: N = 1, 50, 200; capacity 1,000; read 20 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from . import report
+from .hub import BenchHub
+from .scenarios import Context, capacity_round, floor_round, launcher_round, legacy_round, read_round
+
+RESULTS = Path(__file__).with_name("results")
+SCENARIOS = ("launch", "floor", "legacy_a", "legacy_b", "capacity", "read")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    numbers = lambda kind: lambda text: [kind(x) for x in text.split(",") if x]  # noqa: E731
+    parser.add_argument("--full", action="store_true", help="the issue's sizes: N=1,50,200, capacity 1000, read 20 s")
+    parser.add_argument("--n", type=numbers(int), help="concurrent launches per round (default 1,50)")
+    parser.add_argument("--delays", type=numbers(float), default=[0.0, 5.0], help="spawn delays, s (default 0,5)")
+    parser.add_argument("--repeat", type=int, default=1, help="repetitions of each launch round (default 1)")
+    parser.add_argument("--capacity", type=int, help="launches in flight for scenario 4 (default 200; 0 skips)")
+    parser.add_argument("--capacity-delay", type=float, help="spawn delay for scenario 4, s (default 15; 45 with --full)")
+    parser.add_argument("--read-seconds", type=float, help="duration of each read loop (default 5; 20 with --full)")
+    parser.add_argument("--read-concurrency", type=int, default=20, help="outstanding reads (default 20)")
+    parser.add_argument("--legacy-a-max", type=int, default=6,
+                        help="launches baseline (a) really runs; its wall time is scaled to N (default 6)")
+    parser.add_argument("--max-concurrency", type=int, default=1000, help="the consumer's max_concurrency (default 1000)")
+    parser.add_argument("--launch-timeout", type=float, default=300, help="the consumer's launch_timeout, s")
+    parser.add_argument("--only", type=lambda t: t.split(","), default=list(SCENARIOS),
+                        help=f"scenarios to run, of {','.join(SCENARIOS)}")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    args.n = args.n or ([1, 50, 200] if args.full else [1, 50])
+    args.capacity = args.capacity if args.capacity is not None else (1000 if args.full else 200)
+    args.capacity_delay = args.capacity_delay if args.capacity_delay is not None else (45.0 if args.full else 15.0)
+    args.read_seconds = args.read_seconds if args.read_seconds is not None else (20.0 if args.full else 5.0)
+    if any(n < 1 for n in args.n) or args.repeat < 1:
+        parser.error("N and --repeat must be positive")
+    return args
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for package in ("jupyterhub", "aio-pika", "aiohttp", "pydantic"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+            "platform": platform.platform(), "load_average_at_start": os.getloadavg(), "versions": versions}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    raw: dict[str, Any] = {"rounds": []}
+    hub = BenchHub().start()
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            ctx = Context(hub, session, args.max_concurrency, args.launch_timeout, args.legacy_a_max)
+            for delay in args.delays:
+                for n in args.n:
+                    for rep in range(args.repeat):
+                        # The order rotates so no system always runs right after another's clean-up.
+                        for system in ("launch", "floor", "legacy_b", "legacy_a"):
+                            if system not in args.only:
+                                continue
+                            print(f"... {system} N={n} delay={delay:g} s (rep {rep + 1})", file=sys.stderr, flush=True)
+                            if system == "launch":
+                                raw["rounds"].append(await launcher_round(ctx, n, delay))
+                            elif system == "floor":
+                                raw["rounds"].append(await floor_round(ctx, n, delay))
+                            else:
+                                raw["rounds"].append(await legacy_round(ctx, n, delay, system[-1]))
+            if "capacity" in args.only and args.capacity > 0:
+                print(f"... capacity N={args.capacity} delay={args.capacity_delay:g} s", file=sys.stderr, flush=True)
+                raw["capacity"] = await capacity_round(ctx, args.capacity, args.capacity_delay)
+            if "read" in args.only and args.read_seconds > 0:
+                print(f"... read {args.read_seconds:g} s x3", file=sys.stderr, flush=True)
+                raw["read"] = await read_round(ctx, args.read_seconds, args.read_concurrency)
+    finally:
+        hub.stop()
+    return raw
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    info = machine()
+    raw = asyncio.run(run(args))
+    info["load_average_at_end"] = os.getloadavg()
+    figs = report.figures(raw)
+    results = {
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "duration_s": time.time() - started,
+        "machine": info,
+        "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "figures": figs,
+        "raw": raw,
+    }
+    results["targets"] = report.targets(figs, args.n, args.delays)
+    results["failures"] = (
+        sum(f["failures"] + f.get("remove_failures", 0) for f in figs["launches"])
+        + (figs["capacity"]["failures"] if figs.get("capacity") else 0)
+        + (figs["read"]["launcher"]["failures"] + figs["read"]["echo"]["failures"] if figs.get("read") else 0)
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"bench-{datetime.fromtimestamp(started, timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(results, indent=1, default=str))
+    print(report.format_table(results))
+    print(f"\n{info['cpus']} CPUs ({info['cpu_model']}); load average {info['load_average_at_start'][0]:.2f} at start, "
+          f"{info['load_average_at_end'][0]:.2f} at end; {results['failures']} failures; "
+          f"{results['duration_s']:.0f} s; raw figures: {path}")
+    return 1 if results["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

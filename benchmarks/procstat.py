@@ -1,0 +1,45 @@
+"""CPU seconds and peak RSS of a process, read from /proc (Linux), so no psutil dependency."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Usage:
+    cpu_seconds: float  # user + system, since the process started
+    rss_mb: float
+    peak_rss_mb: float  # VmHWM: the high-water mark since start (or since reset_peak)
+
+
+def usage(pid: int) -> Usage:
+    with open(f"/proc/{pid}/stat") as file:
+        # Fields after the command name, which may itself hold spaces and parentheses.
+        fields = file.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14, 15)
+    rss = peak = 0.0
+    with open(f"/proc/{pid}/status") as file:
+        for line in file:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    return Usage(cpu, rss, peak)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its live children (the hub and its proxy)."""
+    total = usage(pid).cpu_seconds
+    try:
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            total += usage(int(child)).cpu_seconds
+        except OSError:
+            pass
+    return total
