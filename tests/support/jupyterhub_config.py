@@ -16,6 +16,10 @@ from consumer.spawner import LocalLauncherSpawner
 
 c = get_config()  # noqa: F821 (JupyterHub's config loader provides it)
 state = os.environ["LOCALHUB_DIR"]
+if os.environ.get("LOCALHUB_INCLUDE"):
+    # A documented example config, loaded as a real hub loads it; the settings below override it.
+    os.environ.setdefault("LAUNCHER_SERVICE_TOKEN", os.environ["LOCALHUB_SERVICE_TOKEN"])
+    load_subconfig(os.environ["LOCALHUB_INCLUDE"])  # noqa: F821 (provided by the config loader)
 standin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standin.py")
 
 
@@ -27,7 +31,7 @@ class TestSpawner(LocalLauncherSpawner):
         return env
 
     async def start(self):
-        self.launcher_apply(self.user_options or {})
+        self.launcher_ensure_applied()  # the image picks the command, so the options go first
         if self.launcher_image == "standin:crash":
             raise RuntimeError("the stand-in image is broken on purpose")
         if self.launcher_image.startswith("standin"):
@@ -36,7 +40,7 @@ class TestSpawner(LocalLauncherSpawner):
         else:
             self.cmd = [os.path.join(os.path.dirname(sys.executable), "jupyterhub-singleuser")]
             self.args = ["--allow-root"]
-        return await super(LocalLauncherSpawner, self).start()
+        return await super().start()
 
     def get_args(self):
         if self.launcher_image.startswith("standin"):
@@ -67,3 +71,6 @@ c.JupyterHub.load_roles = [
 ]
 for key, value in json.loads(os.environ.get("LOCALHUB_EXTRA", "{}")).items():
     setattr(c.JupyterHub, key, value)
+# Spawner policy for a test hub (LOCALHUB_SPAWNER: JSON of TestSpawner settings).
+for key, value in json.loads(os.environ.get("LOCALHUB_SPAWNER", "{}")).items():
+    setattr(c.TestSpawner, key, value)
