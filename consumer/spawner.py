@@ -276,7 +276,11 @@ def launcher_apply_user_options(spawner: Any, user_options: dict[str, Any]) -> N
     try:
         spawner.launcher_apply(user_options or {})
     except LauncherOptionsError as error:
-        raise HTTPError(400, str(error)) from None
+        refusal = HTTPError(400, str(error))
+        # Read by the API's error body and by the progress stream ("Spawn failed: …"), which
+        # otherwise shows "HTTP 400: Bad Request (…)" when the start request answered 202 first.
+        refusal.jupyterhub_message = str(error)  # type: ignore[attr-defined]
+        raise refusal from None
 
 
 class LauncherSpawnerMixin(Configurable):

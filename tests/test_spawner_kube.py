@@ -19,6 +19,7 @@ from unittest import mock
 import pytest
 import yaml
 from kubernetes_asyncio.client import ApiClient, V1Pod
+from jupyterhub.utils import format_exception
 from tornado.web import HTTPError
 from traitlets.config import Config
 
@@ -272,6 +273,14 @@ async def test_hostile_options_are_refused_with_a_400_that_says_why(options: dic
     assert spawner.volumes == [] and spawner.environment == {}
 
 
+async def test_a_refusal_reads_the_same_in_the_progress_stream_as_in_the_400() -> None:
+    """When the start request answered 202 first, the progress stream shows format_exception(error)."""
+    with pytest.raises(HTTPError) as raised:
+        await start(make_spawner(policy()), {"cpu": {"limit": 64}})
+    message, _ = format_exception(raised.value)
+    assert message == "cpu.limit: 64 is more than this hub's maximum of 8 cores"
+
+
 async def test_refused_options_leave_the_previous_good_start_out_of_the_next() -> None:
     spawner = make_spawner(policy())
     await start(spawner, FULL)
@@ -335,6 +344,7 @@ def test_z2jh_example_loads_the_single_file_spawner_with_its_policy(tmp_path: Pa
     c = Config()
     exec(compile(hub["extraConfig"]["launcher"], "extraConfig", "exec"), {"c": c})
     assert sys.path[0] == str(mount.parent)
+    assert c.JupyterHub.tornado_settings.get_value({"slow_spawn_timeout": 0}) == {"slow_spawn_timeout": 10}
     module_name, class_name = c.JupyterHub.spawner_class.rsplit(".", 1)
     sys.path[0] = str(tmp_path)  # where this test mounted it
     monkeypatch.delitem(sys.modules, module_name, raising=False)

@@ -1,0 +1,293 @@
+"""LocalLauncherSpawner in a real JupyterHub: options reach the process, the policy refuses clearly.
+
+Three hubs: the shared permissive one (``hub``), one loading ``examples/jupyterhub_config.py`` (the
+documented policy) and one without the ``apply_user_options`` hook, as JupyterHub < 5.3 runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from traitlets.config import Config
+
+from consumer.config import Settings
+from consumer.hub import HubClient, HubError
+from tests.conftest import Client, delete_topology, make_settings, running_service, unique
+from tests.support.localhub import LocalHub
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "jupyterhub_config.py"
+TEST_IMAGES = ["standin(:.*)?", "jupyter"]  # the test hub's own images, beside the example's
+
+
+def load_example() -> Config:
+    """The example as JupyterHub's loader reads it (``get_config`` and a service token)."""
+    config = Config()
+    os.environ.setdefault("LAUNCHER_SERVICE_TOKEN", "example-token")
+    exec(compile(EXAMPLE.read_text(), str(EXAMPLE), "exec"), {"get_config": lambda: config})
+    return config
+
+
+@contextlib.contextmanager
+def started_hub(
+    include: Path | None = None, spawner: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
+) -> Iterator[LocalHub]:
+    """A LocalHub whose config loads ``include`` first and sets ``spawner`` on the test spawner."""
+    extra_env = {"LOCALHUB_SPAWNER": json.dumps(spawner or {})}
+    if include is not None:
+        extra_env["LOCALHUB_INCLUDE"] = str(include)
+    saved = {key: os.environ.get(key) for key in extra_env}
+    os.environ.update(extra_env)  # LocalHub passes its environment to the hub process
+    try:
+        hub = LocalHub(extra=extra or {}).start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    try:
+        yield hub
+    finally:
+        hub.stop()
+
+
+@pytest.fixture(scope="module")
+def policy_hub() -> Iterator[LocalHub]:
+    images = [*load_example().LauncherSpawnerMixin.launcher_allowed_images, *TEST_IMAGES]
+    with started_hub(EXAMPLE, {"launcher_allowed_images": images, "launcher_allow_token_in_url": True}) as hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def hookless_hub() -> Iterator[LocalHub]:
+    with started_hub(spawner={"apply_user_options": None, "launcher_max_cpu": 4}) as hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def answer_at_once_hub() -> Iterator[LocalHub]:
+    """Zero to JupyterHub's default: start requests answer 202 before the spawn has begun."""
+    with started_hub(spawner={"launcher_max_cpu": 4}, extra={"tornado_settings": {"slow_spawn_timeout": 0}}) as hub:
+        yield hub
+
+
+@contextlib.asynccontextmanager
+async def launcher(hub: LocalHub) -> AsyncIterator[Client]:
+    """The consumer service against ``hub``, and an RPC client for it."""
+    settings: Settings = make_settings(hub)
+    try:
+        async with running_service(settings), Client(settings) as client:
+            yield client
+    finally:
+        await delete_topology(settings)
+
+
+@contextlib.asynccontextmanager
+async def hub_api(hub: LocalHub) -> AsyncIterator[HubClient]:
+    async with aiohttp.ClientSession() as session:
+        yield HubClient(session, hub.api_url, hub.token)
+
+
+async def process_env(result: dict[str, Any]) -> dict[str, str]:
+    """The single-user process's environment, as the stand-in server reports it."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(
+            result["url"] + "api/launcher-env", headers={"Authorization": f"token {result['token']}"}
+        ) as response:
+            assert response.status == 200
+            return await response.json()
+
+
+# -- options reach the process ----------------------------------------------------------------------
+
+
+async def test_cpu_memory_image_and_env_reach_the_single_user_process(
+    service: None, client: Client, username: str
+) -> None:
+    reply = await client.call(
+        {
+            "action": "launch",
+            "username": username,
+            "image": "standin",
+            "cpu": {"request": 0.5, "limit": 2},
+            "memory": {"request": "512M", "limit": "1G"},
+            "env": {"COURSE": "ml-101", "TEMPLATE": "{username}"},
+        }
+    )
+    assert reply["ok"] is True, reply
+
+    env = await process_env(reply["result"])
+    assert env["CPU_LIMIT"] == "2.0" and env["CPU_GUARANTEE"] == "0.5"
+    assert env["MEM_LIMIT"] == str(2**30) and env["MEM_GUARANTEE"] == str(512 * 2**20)
+    assert env["COURSE"] == "ml-101" and env["TEMPLATE"] == "{username}"
+    assert env["JUPYTER_IMAGE"] == "standin"
+    assert env["JUPYTERHUB_USER"] == username
+    assert "JUPYTERHUB_ALLOW_TOKEN_IN_URL" not in env
+
+
+async def test_a_later_start_does_not_inherit_the_earlier_options(service: None, client: Client, username: str) -> None:
+    first = {"action": "launch", "username": username, "server_name": "s", "image": "standin"}
+    reply = await client.call({**first, "cpu": {"limit": 2}, "memory": {"limit": "1G"}, "env": {"FIRST": "1"}})
+    assert reply["ok"] is True, reply
+    assert (await client.call({"action": "remove", "username": username, "server_name": "s"}))["ok"]
+
+    reply = await client.call({**first, "env": {"SECOND": "1"}})
+    assert reply["ok"] is True, reply
+    env = await process_env(reply["result"])
+    assert env["SECOND"] == "1"
+    assert "FIRST" not in env and "CPU_LIMIT" not in env and "MEM_LIMIT" not in env
+
+
+async def test_an_allowed_json_option_reaches_the_process(policy_hub: LocalHub, username: str) -> None:
+    async with launcher(policy_hub) as client:
+        reply = await client.call(
+            {"action": "launch", "username": username, "image": "standin", "json": {"default_url": "/lab"}}
+        )
+    assert reply["ok"] is True, reply
+    assert (await process_env(reply["result"]))["JUPYTERHUB_DEFAULT_URL"] == "/lab"
+
+
+# -- policy violations come back to the caller -------------------------------------------------------
+
+# Options our schema lets through (it cannot know the hub's policy): the hub refuses them and the
+# consumer answers options_rejected with the hub's message.
+POLICY = [
+    pytest.param({"image": "docker.io/evil/miner:latest"}, "image: 'docker.io/evil/miner:latest' is not one of the images this hub allows", id="image"),
+    pytest.param({"cpu": {"limit": 64}}, "cpu.limit: 64 is more than this hub's maximum of 4 cores", id="cpu-max"),
+    pytest.param({"memory": {"limit": "64G"}}, "memory.limit: '64G' is more than this hub's maximum", id="memory-max"),
+    pytest.param({"vols": [{"pvc": "claim-bob", "mount": "/bob"}]}, "vols[0].pvc: 'claim-bob' is not a claim this user may mount", id="other-pvc"),
+    pytest.param({"json": {"privileged": True}}, "json.privileged: is not an option this hub allows (allowed: default_url)", id="json-privileged"),
+    pytest.param({"json": {"cmd": ["/bin/sh"]}}, "json.cmd: is not an option this hub allows", id="json-cmd"),
+    pytest.param({"json": {"uid": 0}}, "json.uid: is not an option this hub allows", id="json-uid"),
+    pytest.param(
+        {"json": {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]}}, "json.volumes: is not an option this hub allows", id="json-hostPath"
+    ),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), POLICY)
+async def test_a_policy_violation_comes_back_as_options_rejected_with_the_reason(
+    policy_hub: LocalHub, username: str, options: dict[str, Any], message: str
+) -> None:
+    async with launcher(policy_hub) as client:
+        reply = await client.call({"action": "launch", "username": username, "image": "standin", **options})
+        assert reply["ok"] is False, reply
+        assert reply["error"]["code"] == "options_rejected", reply
+        assert message in reply["error"]["message"]
+        assert (await client.call({"action": "read", "username": username}))["error"]["code"] == "not_found"
+
+
+# Options the consumer's schema already refuses; the hub must refuse them too, for publishers that
+# talk to the hub directly.
+SCHEMA_AND_HUB = [
+    pytest.param({"privileged": True}, "unknown option 'privileged'", id="privileged"),
+    pytest.param({"cmd": ["/bin/sh"]}, "unknown option 'cmd'", id="cmd"),
+    pytest.param({"uid": 0}, "unknown option 'uid'", id="uid"),
+    pytest.param({"vols": [{"hostPath": "/", "mount": "/host"}]}, "vols[0]: unknown field 'hostPath'", id="hostPath-vol"),
+    pytest.param({"env": {"JUPYTERHUB_API_URL": "http://evil.example/hub/api"}}, "env.JUPYTERHUB_API_URL: is set by JupyterHub", id="api-url-env"),
+    pytest.param({"memory": {"limit": "{username}G"}}, "memory.limit: '{username}G' is not a memory quantity", id="quantity-brace"),
+    pytest.param({"cpu": {"limit": "{1}"}}, "cpu.limit: '{1}' is not a number", id="cpu-brace"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), SCHEMA_AND_HUB)
+async def test_hostile_options_are_refused_by_the_consumer_schema(
+    policy_hub: LocalHub, username: str, options: dict[str, Any], message: str  # noqa: ARG001 (the hub's message)
+) -> None:
+    async with launcher(policy_hub) as client:
+        reply = await client.call({"action": "launch", "username": username, "image": "standin", **options})
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "invalid_command"
+
+
+@pytest.mark.parametrize(("options", "message"), [*POLICY, *SCHEMA_AND_HUB])
+async def test_hostile_options_posted_straight_to_the_hub_get_400_with_the_reason(
+    policy_hub: LocalHub, username: str, options: dict[str, Any], message: str
+) -> None:
+    async with hub_api(policy_hub) as api:
+        await api.ensure_user(username)
+        with pytest.raises(HubError) as raised:
+            await api.start_server(username, "", {"image": "standin", **options})
+        assert raised.value.status == 400
+        assert message in raised.value.message
+        assert await api.get_server(username) is None
+
+
+async def test_without_the_hook_a_violation_fails_the_spawn_with_the_reason(hookless_hub: LocalHub, username: str) -> None:
+    """JupyterHub < 5.3: start() applies the options, the spawn fails, the progress says why."""
+    async with launcher(hookless_hub) as client:
+        refused = await client.call({"action": "launch", "username": username, "image": "standin", "cpu": {"limit": 64}})
+        accepted = await client.call(
+            {"action": "launch", "username": username, "server_name": "ok", "image": "standin", "cpu": {"limit": 3}}
+        )
+    assert refused["ok"] is False
+    assert refused["error"]["code"] == "spawn_failed"
+    assert "cpu.limit: 64 is more than this hub's maximum of 4 cores" in refused["error"]["message"]
+    assert accepted["ok"] is True, accepted
+    assert (await process_env(accepted["result"]))["CPU_LIMIT"] == "3.0"
+
+
+async def test_when_the_hub_answers_at_once_a_violation_still_reaches_the_caller_with_the_reason(
+    answer_at_once_hub: LocalHub, username: str
+) -> None:
+    async with launcher(answer_at_once_hub) as client:
+        reply = await client.call({"action": "launch", "username": username, "image": "standin", "cpu": {"limit": 64}})
+    # Whether the refusal beats the hub's answer depends on whether anything before the hook yields
+    # to the event loop; either way the reply names the reason.
+    assert reply["ok"] is False
+    reason = "cpu.limit: 64 is more than this hub's maximum of 4 cores"
+    assert (reply["error"]["code"], reply["error"]["message"]) in {
+        ("options_rejected", reason),
+        ("spawn_failed", f"Spawn failed: {reason}"),
+    }
+
+
+# -- token in URL -------------------------------------------------------------------------------------
+
+
+async def status_with_token_in_url(result: dict[str, Any]) -> int:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(result["url"] + f"api/status?token={result['token']}", allow_redirects=False) as response:
+            return response.status
+
+
+async def test_token_in_url_opens_the_server_only_when_the_hub_allows_it(
+    policy_hub: LocalHub, service: None, client: Client, username: str
+) -> None:
+    default = await client.call({"action": "launch", "username": username, "image": "jupyter"})
+    assert default["ok"] is True, default
+    assert await status_with_token_in_url(default["result"]) == 403
+
+    async with launcher(policy_hub) as policy_client:
+        allowed = await policy_client.call({"action": "launch", "username": username, "image": "jupyter"})
+    assert allowed["ok"] is True, allowed
+    assert await status_with_token_in_url(allowed["result"]) == 200
+
+
+# -- the plain example config -------------------------------------------------------------------------
+
+
+def test_example_config_declares_the_service_role_and_spawner_the_launcher_needs() -> None:
+    config = load_example()
+    assert config.JupyterHub.services == [{"name": "launcher", "api_token": os.environ["LAUNCHER_SERVICE_TOKEN"]}]
+    assert config.JupyterHub.load_roles == [
+        {"name": "launcher", "scopes": ["admin:users", "servers", "tokens"], "services": ["launcher"]}
+    ]
+    assert config.JupyterHub.spawner_class == "consumer.spawner.LocalLauncherSpawner"
+    assert config.JupyterHub.allow_named_servers is True
+
+
+def test_readme_shows_the_example_files_as_they_are() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## JupyterHub set-up", 1)[1].split("\n## ", 1)[0]
+    for name in ("jupyterhub_config.py", "z2jh-values.yaml"):
+        assert (ROOT / "examples" / name).read_text().strip() in section, name
+    assert "launcher_allow_token_in_url" in section
