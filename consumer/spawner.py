@@ -261,6 +261,13 @@ def _add(container: Any, key: str, item: Any) -> Any:
     return [*(container or []), item]
 
 
+def _human_bytes(size: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return f"{size} bytes"
+
+
 def _volume_name(pvc: str) -> str:
     # Derived from the claim alone: the same claim gets the same name at every start, and two
     # mounts of one claim share one volume.
@@ -349,6 +356,16 @@ class LauncherSpawnerMixin(Configurable):
             return memory_bytes(value)
         except ValueError as error:
             raise TraitError(f"launcher_max_memory: {error}") from None
+
+    @validate("launcher_allowed_images", "launcher_allowed_pvcs")
+    def _launcher_check_patterns(self, proposal: Any) -> list[str]:
+        # A broken pattern found at spawn time would refuse every start with a bare error.
+        for pattern in proposal["value"]:
+            try:
+                re.compile(pattern.replace("{username}", "user"))
+            except re.error as error:
+                raise TraitError(f"{proposal['trait'].name}: {pattern!r} is not a regular expression: {error}") from None
+        return list(proposal["value"])
 
     @validate("launcher_allowed_options")
     def _launcher_resolve_options(self, proposal: Any) -> dict[str, LauncherOption]:
@@ -485,7 +502,7 @@ class LauncherSpawnerMixin(Configurable):
                     raise LauncherOptionsError(f"memory.{field}: {error}") from None
                 if maximum is not None and size > maximum:
                     raise LauncherOptionsError(
-                        f"memory.{field}: {spec[field]!r} is more than this hub's maximum of {maximum} bytes"
+                        f"memory.{field}: {spec[field]!r} is more than this hub's maximum of {_human_bytes(maximum)}"
                     )
                 plan["mem_guarantee" if field == "request" else "mem_limit"] = size
         request = plan.get("mem_guarantee", getattr(self, "mem_guarantee", None))

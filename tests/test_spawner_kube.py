@@ -21,6 +21,7 @@ import yaml
 from kubernetes_asyncio.client import ApiClient, V1Pod
 from jupyterhub.utils import format_exception
 from tornado.web import HTTPError
+from traitlets import TraitError
 from traitlets.config import Config
 
 import kubespawner.spawner
@@ -249,7 +250,7 @@ HOSTILE = [
     pytest.param({"image": "docker.io/evil/miner:latest"}, "is not one of the images this hub allows", id="image"),
     pytest.param({"cpu": {"limit": 64}}, "cpu.limit: 64 is more than this hub's maximum of 8 cores", id="cpu-max"),
     pytest.param({"cpu": {"request": 4, "limit": 2}}, "cpu: request (4) is more than limit (2)", id="cpu-order"),
-    pytest.param({"memory": {"limit": "64G"}}, "memory.limit: '64G' is more than this hub's maximum", id="memory-max"),
+    pytest.param({"memory": {"limit": "64G"}}, "memory.limit: '64G' is more than this hub's maximum of 32G", id="memory-max"),
     pytest.param({"memory": {"limit": "{username}G"}}, "'{username}G' is not a memory quantity", id="quantity-brace"),
     pytest.param({"memory": {"limit": "1G{"}}, "is not a memory quantity", id="quantity-trailing-brace"),
     pytest.param({"cpu": {"limit": "{2}"}}, "cpu.limit: '{2}' is not a number", id="cpu-brace"),
@@ -279,6 +280,20 @@ async def test_a_refusal_reads_the_same_in_the_progress_stream_as_in_the_400() -
         await start(make_spawner(policy()), {"cpu": {"limit": 64}})
     message, _ = format_exception(raised.value)
     assert message == "cpu.limit: 64 is more than this hub's maximum of 8 cores"
+
+
+async def test_env_cannot_override_what_the_hub_configuration_sets() -> None:
+    config = Config()
+    config.KubeSpawner.environment = {"GRANT_SUDO": "no"}
+    with pytest.raises(HTTPError, match="env.GRANT_SUDO: is set by the hub's configuration"):
+        await start(make_spawner(config), {"env": {"GRANT_SUDO": "yes"}})
+
+
+def test_a_broken_policy_pattern_is_refused_when_the_spawner_is_configured() -> None:
+    config = Config()
+    config.LauncherSpawnerMixin.launcher_allowed_images = ["quay.io/(unclosed"]
+    with pytest.raises(TraitError, match="launcher_allowed_images: 'quay.io/\\(unclosed' is not a regular expression"):
+        make_spawner(config)
 
 
 async def test_refused_options_leave_the_previous_good_start_out_of_the_next() -> None:

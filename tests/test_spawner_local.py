@@ -162,7 +162,7 @@ async def test_an_allowed_json_option_reaches_the_process(policy_hub: LocalHub, 
 POLICY = [
     pytest.param({"image": "docker.io/evil/miner:latest"}, "image: 'docker.io/evil/miner:latest' is not one of the images this hub allows", id="image"),
     pytest.param({"cpu": {"limit": 64}}, "cpu.limit: 64 is more than this hub's maximum of 4 cores", id="cpu-max"),
-    pytest.param({"memory": {"limit": "64G"}}, "memory.limit: '64G' is more than this hub's maximum", id="memory-max"),
+    pytest.param({"memory": {"limit": "64G"}}, "memory.limit: '64G' is more than this hub's maximum of 16G", id="memory-max"),
     pytest.param({"vols": [{"pvc": "claim-bob", "mount": "/bob"}]}, "vols[0].pvc: 'claim-bob' is not a claim this user may mount", id="other-pvc"),
     pytest.param({"json": {"privileged": True}}, "json.privileged: is not an option this hub allows (allowed: default_url)", id="json-privileged"),
     pytest.param({"json": {"cmd": ["/bin/sh"]}}, "json.cmd: is not an option this hub allows", id="json-cmd"),
