@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from . import report
+from . import report, services
 from .hub import BenchHub
 from .scenarios import Context, capacity_round, floor_round, launcher_round, legacy_round, read_round
 
@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--launch-timeout", type=float, default=300, help="the consumer's launch_timeout, s")
     parser.add_argument("--only", type=lambda t: t.split(","), default=list(SCENARIOS),
                         help=f"scenarios to run, of {','.join(SCENARIOS)}")
+    parser.add_argument("--profile", metavar="PY_SPY", help="attach this py-spy binary to each consumer; "
+                        "collapsed stacks go to <out>/profile-<time>/<round>.txt")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
     args.n = args.n or ([1, 50, 200] if args.full else [1, 50])
@@ -107,6 +109,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
+    stamp = f"{datetime.fromtimestamp(started, timezone.utc):%Y%m%dT%H%M%SZ}"
+    if args.profile:
+        services.PY_SPY, services.PROFILES = args.profile, args.out / f"profile-{stamp}"
     info = machine()
     raw = asyncio.run(run(args))
     info["load_average_at_end"] = os.getloadavg()
@@ -116,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": time.time() - started,
         "machine": info,
         "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "consumer_root": str(services.CONSUMER_ROOT),
         "figures": figs,
         "raw": raw,
     }
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         + (figs["read"]["launcher"]["failures"] + figs["read"]["echo"]["failures"] if figs.get("read") else 0)
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bench-{datetime.fromtimestamp(started, timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    path = args.out / f"bench-{stamp}.json"
     path.write_text(json.dumps(results, indent=1, default=str))
     print(report.format_table(results))
     print(f"\n{info['cpus']} CPUs ({info['cpu_model']}); load average {info['load_average_at_start'][0]:.2f} at start, "

@@ -27,9 +27,9 @@ REQUEST_LINE = re.compile(
     r"^\[[A-Z] (?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) [^\]]*\] (?P<status>\d{3}) (?P<method>[A-Z]+) "
     r"(?P<uri>\S+) \((?P<who>[^@)]*)@"
 )
-# Logged by the hub when a spawn has finished (just before it adds the proxy route).
-STARTED_LINE = re.compile(
-    r"^\[[A-Z] (?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) [^\]]*\] User (?P<user>\S+) took [\d.]+ seconds to start"
+# Logged by hub_config.BenchProxy when the hub has added the server's route: it is ready.
+READY_LINE = re.compile(
+    r"^\[[A-Z] (?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) [^\]]*\] bench: server (?P<user>[^:\s]+):(?P<server>\S*) ready"
 )
 
 
@@ -50,7 +50,18 @@ class HubLogSlice:
     """What the hub logged between two offsets of its log file."""
 
     requests: list[tuple[str, str, str, int]]  # (who, method, uri without query, status)
-    started_at: dict[str, float]  # user (or user:server) -> when the hub finished the spawn
+    ready_at: dict[str, float]  # user (default server) -> when the hub marked it ready
+    answered_at: list[float]  # per request: when the hub answered it (its log line's time)
+
+    def last_answer(self, who: str) -> dict[str, float]:
+        """user -> when the hub answered ``who``'s last request about that user."""
+        last: dict[str, float] = {}
+        for (source, _, uri, _), at in zip(self.requests, self.answered_at):
+            parts = uri.split("/")
+            if source == who and "users" in parts[:-1]:
+                user = parts[parts.index("users") + 1]
+                last[user] = max(at, last.get(user, 0.0))
+        return last
 
     def count(self, who: str) -> int:
         return sum(1 for r in self.requests if r[0] == who)
@@ -119,18 +130,20 @@ class BenchHub:
             file.seek(start)
             data = file.read() if end is None else file.read(end - start)
         requests: list[tuple[str, str, str, int]] = []
-        started: dict[str, float] = {}
+        answered: list[float] = []
+        ready: dict[str, float] = {}
         for line in data.decode("utf-8", "replace").splitlines():
             match = REQUEST_LINE.match(line)
             if match:
                 requests.append(
                     (match["who"], match["method"], match["uri"].split("?", 1)[0], int(match["status"]))
                 )
+                answered.append(_log_time(match["ts"]))
                 continue
-            match = STARTED_LINE.match(line)
-            if match:
-                started[match["user"]] = _log_time(match["ts"])
-        return HubLogSlice(requests, started)
+            match = READY_LINE.match(line)
+            if match and not match["server"]:
+                ready[match["user"]] = _log_time(match["ts"])
+        return HubLogSlice(requests, ready, answered)
 
     async def clean_up(self, session: aiohttp.ClientSession, usernames: list[str], parallel: int = 20) -> None:
         """Delete the round's users (stopping their servers) so later rounds start from a quiet hub."""
@@ -151,18 +164,22 @@ class BenchHub:
 
 @dataclass
 class Observation:
-    ready_at: float | None = None  # wall clock, when the hub marked the server ready
-    source: str = ""  # "stream": seen on the progress stream; "hub-log": the hub's own log line
+    ready_at: float | None = None  # wall clock: when the hub marked the server ready (its log)
+    seen_at: float | None = None  # when the observer's progress stream delivered "ready"
+    source: str = ""  # "hub-log", or "stream" where the hub's line is missing
     failed: bool = False
 
 
 class Observer:
     """Watches a round's users from outside the system under test, with its own service token.
 
-    One listing request (``GET /users?state=active&name_filter=<prefix>``) finds spawns that are
-    pending; each gets a progress-stream follower, which timestamps the ``ready`` event. A spawn that
-    was already ready when first seen (spawns with no delay can finish between two listings) is
-    timed later from the hub's own log line instead (``resolve_from_log``).
+    Hub-ready is when the hub itself marked the server ready: the line ``hub_config.BenchProxy``
+    logs once the route is added (the hub's clock, to the millisecond). The observer corroborates
+    it from outside: one listing request (``GET /users?state=active&name_filter=<prefix>``) finds
+    spawns that are pending, and a progress-stream follower timestamps each one's ``ready`` event
+    (``seen_at``; the table reports how far behind the hub's mark the stream delivers it). Spawns
+    that finish between two listings are not streamed. Where the hub's line is missing, the
+    stream's time is used.
     """
 
     def __init__(self, hub: BenchHub, session: aiohttp.ClientSession, prefix: str) -> None:
@@ -198,10 +215,10 @@ class Observer:
                     task = asyncio.create_task(self._follow(name))
                     self.followers.add(task)
                     task.add_done_callback(self.followers.discard)
-            # Listing costs the hub more as the round grows: keep its share of the hub small.
+            # Listing costs the hub more as the round grows: keep its share of the hub near 10%.
             took = time.monotonic() - began
             try:
-                await asyncio.wait_for(stop.wait(), max(0.1, 4 * took))
+                await asyncio.wait_for(stop.wait(), max(0.2, 8 * took))
             except TimeoutError:
                 pass
 
@@ -232,21 +249,20 @@ class Observer:
                         return
                     if event.get("ready"):
                         if not first:  # a stream that opens on "ready" tells only that it was ready before
-                            observation.ready_at = time.time()
-                            observation.source = "stream"
+                            observation.seen_at = time.time()
                         return
                     first = False
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return
 
     def resolve_from_log(self, log: HubLogSlice) -> None:
-        for username, started in log.started_at.items():
-            if not username.startswith(self.prefix):
-                continue
-            observation = self.observations.setdefault(username, Observation())
-            if observation.ready_at is None:
-                observation.ready_at = started
-                observation.source = "hub-log"
+        for observation in self.observations.values():
+            if observation.seen_at is not None:
+                observation.ready_at, observation.source = observation.seen_at, "stream"
+        for username, ready in log.ready_at.items():
+            if username.startswith(self.prefix):
+                observation = self.observations.setdefault(username, Observation())
+                observation.ready_at, observation.source = ready, "hub-log"
 
     def ready_at(self, username: str) -> Observation:
         return self.observations.get(username, Observation())

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 
+from jupyterhub.proxy import ConfigurableHTTPProxy
 from jupyterhub.spawner import Spawner
 
 c = get_config()  # noqa: F821 (JupyterHub's config loader provides it)
@@ -60,6 +61,17 @@ class BenchSpawner(Spawner):
         self._running = False
 
 
+class BenchProxy(ConfigurableHTTPProxy):
+    """Logs the moment the hub marks a server ready: its proxy route is added, the last step of a
+    spawn (right after it the hub clears ``_proxy_pending``; ``ready`` turns true and the progress
+    stream says so). The benchmark's hub-ready time comes from this line, on the hub's own clock."""
+
+    async def add_user(self, user, server_name=""):
+        await super().add_user(user, server_name)
+        self.log.info("bench: server %s:%s ready", user.name, server_name)
+
+
+c.JupyterHub.proxy_class = BenchProxy
 c.JupyterHub.ip = "127.0.0.1"
 c.JupyterHub.port = int(os.environ["LOCALHUB_PORT"])
 c.JupyterHub.hub_ip = "127.0.0.1"

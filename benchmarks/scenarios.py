@@ -63,11 +63,16 @@ class Watch:
         self.log = self.ctx.hub.log_slice(self.offset, self.ctx.hub.log_offset())
         self.observer.resolve_from_log(self.log)
 
-    def annotate(self, launches: list[dict[str, Any]]) -> None:
+    def annotate(self, launches: list[dict[str, Any]], who: str) -> None:
+        # When the hub answered the system's last request for each launch: splits the overhead into
+        # hub round trips after ready, and what follows the hub (broker, consumer, client).
+        last_answer = self.log.last_answer(who)
         for launch in launches:
             seen = self.observer.ready_at(launch["username"])
             launch["hub_ready"] = seen.ready_at
             launch["ready_source"] = seen.source
+            launch["stream_ready"] = seen.seen_at
+            launch["last_hub_answer"] = last_answer.get(launch["username"])
 
 
 def hub_figures(watch: Watch, who: str, launches: int) -> dict[str, Any]:
@@ -85,7 +90,7 @@ async def launcher_round(ctx: Context, n: int, delay: float) -> dict[str, Any]:
     """Scenario 1: N launches at once through RabbitMQ and the consumer, then N removes."""
     names = Names.unique("launch")
     prefix, users = new_users("l", n)
-    consumer = consumer_process(ctx.hub, names, ctx.max_concurrency, ctx.launch_timeout)
+    consumer = consumer_process(ctx.hub, names, ctx.max_concurrency, ctx.launch_timeout, f"launch-n{n}-d{delay:g}")
     await consumer.start()
     result: dict[str, Any] = {"system": "launcher", "n": n, "delay": delay}
     try:
@@ -104,7 +109,7 @@ async def launcher_round(ctx: Context, n: int, delay: float) -> dict[str, Any]:
                 else:
                     entry.update(replied=reply[0], ok=bool(reply[1]["ok"]), error=reply[1].get("error"))
                 launches.append(entry)
-            watch.annotate(launches)
+            watch.annotate(launches, "launcher")
             result.update(
                 launches=launches,
                 wall_s=max((e["replied"] or 0) for e in launches) - began,
@@ -187,7 +192,7 @@ async def floor_round(ctx: Context, n: int, delay: float) -> dict[str, Any]:
         async with Watch(ctx, prefix, ctx.launch_timeout + 60) as watch:
             began = time.time()
             launches = list(await asyncio.gather(*(floor_launch(ctx, u, delay) for u in users)))
-        watch.annotate(launches)
+        watch.annotate(launches, "floor")
         return {
             "system": "floor", "n": n, "delay": delay, "launches": launches,
             "wall_s": max(e["replied"] for e in launches) - began, **hub_figures(watch, "floor", n),
@@ -221,7 +226,7 @@ async def legacy_round(ctx: Context, n: int, delay: float, variant: str) -> dict
             )))
         for entry in launches:
             entry["sent"] = began  # every command is queued at once; (a) works through the queue
-        watch.annotate(launches)
+        watch.annotate(launches, "legacy")
         wall = max(e["replied"] for e in launches) - began
         return {
             "system": f"legacy_{variant}", "n": n, "delay": delay, "launches": launches,
@@ -240,7 +245,7 @@ async def capacity_round(ctx: Context, n: int, delay: float) -> dict[str, Any]:
     pending), with its peak RSS and CPU."""
     names = Names.unique("capacity")
     prefix, users = new_users("c", n)
-    consumer = consumer_process(ctx.hub, names, max(n, ctx.max_concurrency), ctx.launch_timeout)
+    consumer = consumer_process(ctx.hub, names, max(n, ctx.max_concurrency), ctx.launch_timeout, f"capacity-n{n}")
     await consumer.start()
     in_flight = {"now": 0, "peak": 0, "accepted": 0}
     samples: list[tuple[float, int, float]] = []
@@ -330,7 +335,7 @@ async def read_round(ctx: Context, seconds: float, concurrency: int) -> dict[str
             names = Names.unique(f"read-{system}")
             process = (
                 echo_process(names, ctx.max_concurrency) if system == "echo"
-                else consumer_process(ctx.hub, names, ctx.max_concurrency, ctx.launch_timeout)
+                else consumer_process(ctx.hub, names, ctx.max_concurrency, ctx.launch_timeout, "read")
             )
             await process.start()
             try:

@@ -24,6 +24,11 @@ from tests.support.localhub import ROOT
 from .hub import BenchHub
 
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# Where ``python -m consumer`` is imported from: another checkout compares a change before/after.
+CONSUMER_ROOT = Path(os.environ.get("BENCH_CONSUMER_ROOT", str(ROOT)))
+# A py-spy binary to attach to every consumer process (``--profile``); None: no profiling.
+PY_SPY: str | None = None
+PROFILES: Path | None = None
 
 
 @dataclass
@@ -59,7 +64,10 @@ class ServiceProcess:
     env: dict[str, str]
     ready_marker: str  # a line fragment its log prints once it consumes
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bench-svc-")))
+    cwd: Path = ROOT
+    profile_name: str | None = None  # with --profile: py-spy samples it into PROFILES/<name>.txt
     process: subprocess.Popen[bytes] | None = None
+    profiler: subprocess.Popen[bytes] | None = None
 
     @property
     def log_path(self) -> Path:
@@ -73,16 +81,29 @@ class ServiceProcess:
     async def start(self, timeout: float = 60) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         give_up = time.monotonic() + timeout
         while time.monotonic() < give_up:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.argv} exited:\n{self.log_tail()}")
             if self.ready_marker in self.log_path.read_text(errors="replace"):
+                self._attach_profiler()
                 return
             await asyncio.sleep(0.1)
         raise RuntimeError(f"{self.argv} did not start in {timeout} s:\n{self.log_tail()}")
+
+    def _attach_profiler(self) -> None:
+        if PY_SPY is None or PROFILES is None or self.profile_name is None:
+            return
+        PROFILES.mkdir(parents=True, exist_ok=True)
+        # Collapsed stacks (one line per stack with its sample count): readable and diffable.
+        # --nonblocking: sampling does not pause the process, so timings stay honest.
+        self.profiler = subprocess.Popen(
+            [PY_SPY, "record", "--pid", str(self.pid), "--format", "raw", "--rate", "200", "--nonblocking",
+             "--output", str(PROFILES / f"{self.profile_name}.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -100,10 +121,17 @@ class ServiceProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        if self.profiler is not None:  # py-spy writes its file when the process it samples exits
+            try:
+                self.profiler.wait(30)
+            except subprocess.TimeoutExpired:
+                self.profiler.kill()
         return self.process.returncode
 
 
-def consumer_process(hub: BenchHub, names: Names, max_concurrency: int, launch_timeout: float) -> ServiceProcess:
+def consumer_process(
+    hub: BenchHub, names: Names, max_concurrency: int, launch_timeout: float, profile_name: str | None = None
+) -> ServiceProcess:
     """``python -m consumer run --config FILE``, exactly as deployed, against the benchmark hub."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-consumer-"))
     config = {
@@ -120,11 +148,14 @@ def consumer_process(hub: BenchHub, names: Names, max_concurrency: int, launch_t
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LAUNCHER_", "JUPYTERHUB_"))}
     env["LAUNCHER_JUPYTERHUB_API_TOKEN"] = hub.token("launcher")
+    env["PYTHONPATH"] = os.pathsep.join([str(CONSUMER_ROOT), env.get("PYTHONPATH", "")])
     return ServiceProcess(
         [sys.executable, "-m", "consumer", "run", "--config", str(workdir / "config.yaml")],
         env,
         ready_marker="consuming",
         workdir=workdir,
+        cwd=CONSUMER_ROOT,
+        profile_name=profile_name,
     )
 
 

@@ -1,0 +1,49 @@
+"""The benchmark harness runs end to end in a tiny configuration and reports every figure.
+
+No timing is asserted: figures are printed by ``make bench``, never judged by tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(600)
+def test_a_tiny_benchmark_prints_the_table_and_writes_every_figure(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--n", "2", "--delays", "0,1", "--capacity", "3",
+         "--capacity-delay", "1", "--read-seconds", "1", "--legacy-a-max", "2", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=540,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    for row in ("launcher", "floor", "legacy_a", "legacy_b", "capacity", "read:echo", "read:launcher", "read:hub_direct"):
+        assert f"\n{row} " in run.stdout, run.stdout
+    (written,) = tmp_path.glob("bench-*.json")
+    results = json.loads(written.read_text())
+    assert results["failures"] == 0
+    assert {"started", "machine", "parameters", "figures", "raw", "targets"} <= set(results)
+    launches = results["figures"]["launches"]
+    assert {(f["system"], f["delay"]) for f in launches} == {
+        (system, delay) for system in ("launcher", "floor", "legacy_a", "legacy_b") for delay in (0.0, 1.0)
+    }
+    for figure in launches:
+        assert figure["failures"] == 0 and figure["untimed"] == 0, figure
+        for key in ("reply_s", "hub_ready_s", "overhead_s"):
+            assert set(figure[key]) == {"count", "p50", "p95", "max"} and figure[key]["count"] == 2
+        assert figure["hub_requests_per_launch"] > 0
+    ours = [f for f in launches if f["system"] == "launcher"]
+    assert all(f["consumer_cpu_s_per_launch"] > 0 and f["consumer_peak_rss_mb"] > 0 for f in ours)
+    assert results["figures"]["capacity"]["peak_in_flight"] >= 1
+    for system in ("echo", "launcher", "hub_direct"):
+        assert results["figures"]["read"][system]["completed"] > 0
+    assert {t["target"].split(" (")[0] for t in results["targets"]} >= {
+        "overhead over hub-ready p95 <= 50 ms", "read throughput >= 70% of a bare echo consumer"
+    }
