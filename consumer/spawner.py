@@ -406,7 +406,7 @@ class LauncherSpawnerMixin(Configurable):
     def launcher_apply(self, options: dict[str, Any]) -> None:
         """Check ``options`` against the policy and apply them; raises LauncherOptionsError.
 
-        Nothing is changed when anything is refused.
+        When any option is refused, none is applied.
         """
         if self._launcher_stage != "fresh":
             self._launcher_reset()

@@ -181,6 +181,20 @@ async def test_two_starts_in_a_row_give_independent_manifests() -> None:
     assert spawner.tolerations == config.KubeSpawner.tolerations
 
 
+async def test_what_the_auth_state_hook_sets_survives_the_reset_at_every_start() -> None:
+    def auth_state_hook(spawner: Any, auth_state: Any) -> None:
+        spawner.environment = {**spawner.environment, "FROM_AUTH": "1"}
+
+    config = Config()
+    config.Spawner.auth_state_hook = auth_state_hook
+    spawner = make_spawner(config)
+    first = await start(spawner, {"env": {"CALLER": "1"}})
+    second = await start(spawner, {})
+
+    assert env_of(first)["FROM_AUTH"] == "1" and env_of(first)["CALLER"] == "1"
+    assert env_of(second)["FROM_AUTH"] == "1" and "CALLER" not in env_of(second)
+
+
 async def test_gpu_starts_in_a_row_mount_shm_once() -> None:
     spawner = make_spawner(policy())
     for _ in range(3):
