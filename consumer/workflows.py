@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
 CLEANUP_TIMEOUT = 30.0  # a failed launch's stop and revoke get this long, past the command's timeout
+# JupyterHub's DELETE of a pending spawn cancels it, then sleeps 1 s before stopping the server
+# (apihandlers/users.py); meanwhile the cancelled server looks ready.
+CANCEL_WINDOW = 1.1
+ALREADY_RUNNING = 0  # _start's answer when the hub says the server is already running
 
 
 class CommandFailed(Exception):
@@ -120,34 +124,47 @@ class _Launch:
     last_message: str = ""
 
     async def run(self) -> dict[str, Any]:
+        """Five hub requests for a new server: user, start, token, progress, model.
+
+        The start request is not preceded by a read of the server: the hub's answer (400 already
+        running, 202 already pending) and the final server model say the same for one request less.
+        """
         username, server_name = self.command.username, self.command.server_name
         options = self.command.user_options()
         await self.hub.ensure_user(username)
+        start = asyncio.create_task(self._start(options))
+        # The hub serves one request at a time: the token request, sent right behind the start,
+        # is answered once the spawn is pending, so it costs the caller nothing, and from then on
+        # the progress stream is open, even while the start request is still held by the hub.
+        self.token_task = asyncio.create_task(self._issue_token())
+        try:
+            await asyncio.wait({start, self.token_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not start.done() or start.result() != ALREADY_RUNNING:
+                await self._follow(start)
+            status = await start
+        finally:
+            if not start.done():
+                start.cancel()
+        if status >= 500:
+            # The start failed, yet the stream said ready: a stop cancelled the spawn, and the hub
+            # reports a cancelled spawn as ready (and its model as ready) until it stops it.
+            raise CommandFailed("spawn_failed", f"server {_label(self.command)} was stopped while starting")
+        if status == 202:
+            # Same pitfall for a spawn that outlived the start request: the hub's DELETE waits
+            # CANCEL_WINDOW before it stops a cancelled spawn, so only a model read after it counts.
+            await asyncio.sleep(CANCEL_WINDOW)
         server = await self.hub.get_server(username, server_name)
-        if server and server.get("pending") == "stop":
-            await _wait_stopped(self.hub, username, server_name, self.settings)
-            server = None
-        if server and (server.get("user_options") or {}) != options:
+        if not server or not server.get("ready") or server.get("pending"):
+            raise CommandFailed(
+                "spawn_failed", self.last_message or f"server {_label(self.command)} stopped while starting"
+            )
+        if (server.get("user_options") or {}) != options:
+            self.spawned = False  # someone else's server: not ours to stop
             raise CommandFailed(
                 "already_running",
-                f"server {_label(self.command)} is {'starting' if server.get('pending') else 'running'} "
-                "with other options; remove it first",
+                f"server {_label(self.command)} is running with other options; remove it first",
                 {"user_options": server.get("user_options")},
             )
-        # The hub serves one request at a time: a token asked for now is ready when the server is.
-        self.token_task = asyncio.create_task(self._issue_token())
-        if server and server.get("ready") and not server.get("pending"):
-            return await self._result(server)
-        if not server:
-            self.spawned = True
-            await self._start(options)
-        else:
-            self.spawned = True  # following a pending spawn with our options: ours to finish
-        await self._follow()
-        server = await self.hub.get_server(username, server_name)
-        # A spawn cancelled by a stop can still emit "ready": only the server model is trusted.
-        if not server or not server.get("ready") or server.get("pending"):
-            raise CommandFailed("spawn_failed", f"server {_label(self.command)} stopped while starting")
         return await self._result(server)
 
     async def _issue_token(self) -> tuple[str, str]:
@@ -159,43 +176,69 @@ class _Launch:
             note=f"jupyterhub-launcher: {_label(self.command)}",
         )
 
-    async def _start(self, options: dict[str, Any]) -> None:
+    async def _start(self, options: dict[str, Any]) -> int:
+        """Ask the hub to start the server: its status (201 ready, 202 pending, 5xx failed inside
+        the hub's wait), or ALREADY_RUNNING."""
         username, server_name = self.command.username, self.command.server_name
-        try:
-            await self.hub.start_server(username, server_name, options)
-        except HubError as error:
-            if error.status == 400 and "already running" in error.message:
-                return  # a concurrent start won the race; the model check after readiness decides
-            if error.status == 400:
-                raise CommandFailed("options_rejected", error.message) from None
-            if error.status >= 500:
-                # A spawn that fails inside the hub's wait answers a bare 500; its message is only
-                # in the progress stream, which _follow reads next.
-                log.info("start of %s answered %s; reading its progress", _label(self.command), error.status)
-                return
-            raise
+        for _ in range(2):
+            # Ours to stop on failure from the moment it is asked for (the request may be cut
+            # short by the timeout while the hub works on it); the options check may disown it.
+            self.spawned = True
+            try:
+                return await self.hub.start_server(username, server_name, options)
+            except HubError as error:
+                if error.status == 400 and "already running" in error.message:
+                    self.spawned = False
+                    return ALREADY_RUNNING
+                if error.status == 400 and "pending stop" in error.message:
+                    await _wait_stopped(self.hub, username, server_name, self.settings)
+                    continue
+                if error.status == 400:
+                    raise CommandFailed("options_rejected", error.message) from None
+                if error.status >= 500:
+                    # A spawn that fails inside the hub's wait answers a bare 500; its message is
+                    # only in the progress stream, which is being followed.
+                    log.info("start of %s answered %s; its progress tells why", _label(self.command), error.status)
+                    return error.status
+                raise
+        raise CommandFailed("hub_error", f"server {_label(self.command)} kept stopping instead of starting")
 
-    async def _follow(self) -> None:
+    async def _follow(self, start: asyncio.Task[int]) -> None:
         """Follow the spawn to ready or failed through the progress stream, else by polling."""
         username, server_name = self.command.username, self.command.server_name
-        try:
-            async for event in self.hub.progress(username, server_name):
-                self.last_message = str(event.get("message") or self.last_message)
-                if event.get("failed"):
-                    raise CommandFailed("spawn_failed", self.last_message or "spawn failed")
-                await self.emit(
-                    "launch.progress", {"progress": event.get("progress"), "message": event.get("message", "")}
-                )
-                if event.get("ready"):
-                    return
-        except HubError as error:
-            if error.status == 400:
-                return  # not starting any more: the server model says whether it is ready
-            if error.status == 404:
-                raise CommandFailed("spawn_failed", f"server {_label(self.command)} is gone") from None
-            log.warning("progress stream unusable (%s); polling", error.status)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-            log.warning("progress stream broke (%s); polling", type(error).__name__)
+        not_pending_yet = 0.1
+        while True:
+            try:
+                async for event in self.hub.progress(username, server_name):
+                    self.last_message = str(event.get("message") or self.last_message)
+                    if event.get("failed"):
+                        # A spawner that refuses the options fails the spawn and the start request
+                        # with 400: that answer (options_rejected) is the more precise one.
+                        await asyncio.wait({start})
+                        if start.exception() is not None:
+                            raise start.exception()  # type: ignore[misc]
+                        raise CommandFailed("spawn_failed", self.last_message or "spawn failed")
+                    await self.emit(
+                        "launch.progress", {"progress": event.get("progress"), "message": event.get("message", "")}
+                    )
+                    if event.get("ready"):
+                        return
+            except HubError as error:
+                if error.status == 400 and not start.done():
+                    # Not pending yet: the start request is still on its way, or waiting out a 429.
+                    not_pending_yet = min(not_pending_yet * 2, 5.0)
+                    await asyncio.wait({start}, timeout=not_pending_yet)
+                    continue
+                if error.status == 400:
+                    if await start == ALREADY_RUNNING:
+                        return  # nothing to follow
+                elif error.status == 404:
+                    await start  # raises if the start itself was refused
+                else:
+                    log.warning("progress stream unusable (%s); polling", error.status)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                log.warning("progress stream broke (%s); polling", type(error).__name__)
+            break
         await self._poll()
 
     async def _poll(self) -> None:

@@ -215,3 +215,20 @@ async def test_fifty_concurrent_launches_all_succeed(service: None, client: Clie
     assert {r["result"]["url"] for r in replies} == {f"{client.settings.public_url}/user/{n}/" for n in names}
     removed = await asyncio.gather(*(client.call({"action": "remove", "username": n}) for n in names))
     assert all(r["ok"] for r in removed)
+
+
+async def test_a_spawn_cancelled_on_the_hub_is_not_reported_ready(
+    service: None, client: Client, username: str, hub_api: HubClient
+) -> None:
+    correlation_id = await client.send({"action": "launch", "username": username, "image": "standin:slow-3"})
+    async with asyncio.timeout(30):
+        while not any(e["type"] == "launch.progress" for e in client.events_for(correlation_id)):
+            await asyncio.sleep(0.05)
+    server = await hub_api.get_server(username)
+    assert server is not None and server["pending"] == "spawn"
+    await hub_api.stop_server(username)  # an admin stops it while it starts
+
+    reply = await client.reply(correlation_id)
+    assert reply["ok"] is False, reply
+    assert reply["error"]["code"] == "spawn_failed"
+    assert await hub_api.get_server(username) is None
