@@ -98,8 +98,7 @@ class Worker:
                 return
             async with self.locks.hold((command.username, command.server_name)):
                 reply, dead_letter = await self._execute(command, message)
-            if await self._answer(message, reply):
-                await _settle(run, dead_letter)
+            await self._finish(run, message, reply, dead_letter)
         except asyncio.CancelledError:
             log.info("command %s interrupted by shutdown; requeued", key)
             await _settle(run, requeue=True)
@@ -142,8 +141,15 @@ class Worker:
             server_name=str(fields.get("server_name", "")),
             error=ErrorInfo(code="invalid_command", message=text, details=problems),
         )
+        await self._finish(run, message, reply, dead_letter=True)
+
+    async def _finish(self, run: _Run, message: AbstractIncomingMessage, reply: Reply, dead_letter: bool) -> None:
+        """Answer, then settle: ack (or dead-letter) once the answer is confirmed, else requeue,
+        so that the command runs again (at most ``delivery_limit`` times) rather than hang unacked."""
         if await self._answer(message, reply):
-            await _settle(run, dead_letter=True)
+            await _settle(run, dead_letter=dead_letter)
+        else:
+            await _settle(run, requeue=True)
 
     async def _answer(self, message: AbstractIncomingMessage, reply: Reply) -> bool:
         """Publish the reply and the result event; False if the broker did not confirm them."""
@@ -153,7 +159,6 @@ class Worker:
                 await self.broker.reply(message.reply_to, message.correlation_id, body)
             await self.broker.publish_result(reply.routing_key, message.correlation_id, body)
         except Exception as error:
-            # Left unacked: the broker redelivers the command when the channel comes back.
             log.error("could not publish the reply to %s: %s", message.message_id, type(error).__name__)
             return False
         return True
