@@ -1,0 +1,113 @@
+"""Launch paths a healthy hub rarely takes, against a scripted stand-in of JupyterHub's API.
+
+The real hub cannot be made to refuse its progress stream or drop it mid-spawn on demand, so these
+use a small aiohttp server that answers like JupyterHub does (status codes and bodies from
+JupyterHub 6.1's apihandlers/users.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from consumer.config import Settings
+from consumer.hub import HubClient
+from consumer.workflows import CommandFailed, Workflows
+from schemas import LaunchCommand
+
+
+class ScriptedHub:
+    """One user, one default server that becomes ready after ``polls_until_ready`` model reads."""
+
+    def __init__(self, progress_status: int, polls_until_ready: int = 2) -> None:
+        self.progress_status = progress_status
+        self.polls_until_ready = polls_until_ready
+        self.requests: list[str] = []
+        self.model_reads = 0
+        self.started = False
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/hub/api/users/{user}", self.create_user)
+        app.router.add_post("/hub/api/users/{user}/server", self.start)
+        app.router.add_post("/hub/api/users/{user}/tokens", self.token)
+        app.router.add_get("/hub/api/users/{user}/server/progress", self.progress)
+        app.router.add_get("/hub/api/users/{user}", self.user)
+        return app
+
+    @web.middleware
+    async def record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.requests.append(f"{request.method} {request.path}")
+        return await handler(request)
+
+    async def create_user(self, request: web.Request) -> web.Response:
+        return web.json_response({"name": request.match_info["user"]}, status=201)
+
+    async def start(self, request: web.Request) -> web.Response:
+        self.started = True
+        self.options = await request.json()
+        return web.Response(status=202)
+
+    async def token(self, request: web.Request) -> web.Response:
+        return web.json_response({"token": "t0ken", "id": "a1"}, status=201)
+
+    async def progress(self, request: web.Request) -> web.StreamResponse:
+        if self.progress_status != 200:
+            return web.json_response({"status": self.progress_status, "message": "no"}, status=self.progress_status)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"progress": 50, "message": "Spawning server..."}\n\n')
+        return response  # the stream ends without ready or failed, as when the hub restarts
+
+    async def user(self, request: web.Request) -> web.Response:
+        self.model_reads += 1
+        ready = self.model_reads >= self.polls_until_ready
+        server = {"name": "", "ready": ready, "pending": None if ready else "spawn", "url": "/user/bob/",
+                  "user_options": getattr(self, "options", {})}
+        return web.json_response({"name": "bob", "servers": {"": server} if self.started else {}})
+
+
+@pytest.fixture
+async def scripted(request: pytest.FixtureRequest) -> AsyncIterator[tuple[ScriptedHub, Workflows]]:
+    hub = ScriptedHub(progress_status=request.param)
+    app = hub.app()
+    app.middlewares.append(hub.record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    settings = Settings(jupyterhub_url=f"http://127.0.0.1:{port}", status_check_interval=0.05)
+    async with aiohttp.ClientSession() as session:
+        yield hub, Workflows(HubClient(session, settings.hub_api_url, "secret"), settings)
+    await runner.cleanup()
+
+
+async def no_events(event_type: str, data: dict[str, Any]) -> None:
+    pass
+
+
+@pytest.mark.parametrize("scripted", [403, 200], indirect=True, ids=["stream-refused", "stream-ended-early"])
+async def test_launch_falls_back_to_polling_when_the_progress_stream_cannot_be_used(
+    scripted: tuple[ScriptedHub, Workflows],
+) -> None:
+    hub, workflows = scripted
+    result = await workflows.launch(LaunchCommand(username="bob", image="img"), no_events)
+
+    assert result["url"].endswith("/user/bob/") and result["token"] == "t0ken"
+    assert hub.requests.count("GET /hub/api/users/bob") >= 2  # polled until the model said ready
+    assert hub.requests[:2] == ["POST /hub/api/users/bob", "POST /hub/api/users/bob/server"]
+
+
+@pytest.mark.parametrize("scripted", [403], indirect=True)
+async def test_polling_gives_up_after_status_check_count_reads(scripted: tuple[ScriptedHub, Workflows]) -> None:
+    hub, workflows = scripted
+    hub.polls_until_ready = 10**6
+    workflows.settings = workflows.settings.model_copy(update={"status_check_count": 3})
+    with pytest.raises(CommandFailed) as failed:
+        await workflows.launch(LaunchCommand(username="bob", image="img"), no_events)
+    assert failed.value.code == "spawn_timeout"
