@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -71,8 +72,21 @@ def machine() -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
-    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+    return {"cpus": os.cpu_count(), "cpu_model": model, "consumer": consumer_version(), "python": platform.python_version(),
             "platform": platform.platform(), "load_average_at_start": os.getloadavg(), "versions": versions}
+
+
+def consumer_version() -> dict[str, Any]:
+    """Which consumer code ran: the checkout's commit and whether consumer/ or schemas/ differ from it."""
+    root = str(services.CONSUMER_ROOT)
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "consumer", "schemas"],
+                                 capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        commit, changed = "", []
+    return {"root": root, "commit": commit or None, "uncommitted_changes": [c for c in changed if c.strip()]}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
