@@ -221,3 +221,25 @@ async def test_commands_are_answered_and_acked_when_nobody_subscribes_to_results
     assert json.loads(reply.body)["ok"] is True
     await asyncio.sleep(0.5)
     assert await queued(settings) == 0
+
+
+def _restart_broker() -> None:
+    subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True)
+    subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True)
+    subprocess.run(["rabbitmqctl", "await_startup"], check=True, capture_output=True)
+
+
+async def test_a_launch_in_flight_survives_a_broker_restart(
+    service: None, client: Client, settings: Settings, username: str
+) -> None:
+    correlation_id = await client.send({"action": "launch", "username": username, "image": "standin:slow-3"})
+    await wait_for_event(client, correlation_id, "launch.accepted")
+    await asyncio.to_thread(_restart_broker)
+
+    # The durable command comes back to the reconnected consumer, whose launch finds the server
+    # started (or starting) and answers with it.
+    reply = await client.reply(correlation_id, timeout=120)
+    assert reply["ok"] is True, reply
+    assert reply["result"]["url"].endswith(f"/user/{username}/")
+    await asyncio.sleep(1)
+    assert await queued(settings) == 0
