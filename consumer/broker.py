@@ -73,7 +73,11 @@ class Broker:
         self.replies = await self.channel.declare_exchange(
             s.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        self.events = await self.channel.declare_exchange(
+        # Events are informative (a lost one fails nothing): their own channel without publisher
+        # confirms, so a launch does not wait a broker round trip per event, nor queue its reply
+        # behind other launches' events on the confirming channel.
+        self.events_channel = await self.connection.channel(publisher_confirms=False)
+        self.events = await self.events_channel.declare_exchange(
             s.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
 

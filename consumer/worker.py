@@ -96,7 +96,9 @@ class Worker:
             except ValidationError as error:
                 await self._invalid(run, message, error)
                 return
-            async with self.locks.hold((command.username, command.server_name)):
+            # A read changes nothing: it need not wait for (or hold up) a launch or remove.
+            ordered = not isinstance(command, ReadCommand)
+            async with self.locks.hold((command.username, command.server_name)) if ordered else contextlib.nullcontext():
                 reply, dead_letter = await self._execute(command, message)
             await self._finish(run, message, reply, dead_letter)
         except asyncio.CancelledError:
@@ -155,9 +157,11 @@ class Worker:
         """Publish the reply and the result event; False if the broker did not confirm them."""
         body = reply.model_dump_json().encode()
         try:
+            # Both confirmed before the ack, but waited for together: one broker round trip, not two.
+            publishes = [self.broker.publish_result(reply.routing_key, message.correlation_id, body)]
             if message.reply_to:
-                await self.broker.reply(message.reply_to, message.correlation_id, body)
-            await self.broker.publish_result(reply.routing_key, message.correlation_id, body)
+                publishes.insert(0, self.broker.reply(message.reply_to, message.correlation_id, body))
+            await asyncio.gather(*publishes)
         except Exception as error:
             log.error("could not publish the reply to %s: %s", message.message_id, type(error).__name__)
             return False

@@ -24,9 +24,6 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
 CLEANUP_TIMEOUT = 30.0  # a failed launch's stop and revoke get this long, past the command's timeout
-# JupyterHub's DELETE of a pending spawn cancels it, then sleeps 1 s before stopping the server
-# (apihandlers/users.py); meanwhile the cancelled server looks ready.
-CANCEL_WINDOW = 1.1
 ALREADY_RUNNING = 0  # _start's answer when the hub says the server is already running
 
 
@@ -122,9 +119,11 @@ class _Launch:
     token_task: asyncio.Task[tuple[str, str]] | None = None
     spawned: bool = False  # we started (or followed) a spawn that is ours to stop on failure
     last_message: str = ""
+    ready_url: str = ""  # the server's path, from the progress stream's "ready" event
 
     async def run(self) -> dict[str, Any]:
-        """Five hub requests for a new server: user, start, token, progress, model.
+        """Four hub requests for a new server: user, start, token, progress (and the model when the
+        start request was answered before the server was ready).
 
         The start request is not preceded by a read of the server: the hub's answer (400 already
         running, 202 already pending) and the final server model say the same for one request less.
@@ -149,10 +148,15 @@ class _Launch:
             # The start failed, yet the stream said ready: a stop cancelled the spawn, and the hub
             # reports a cancelled spawn as ready (and its model as ready) until it stops it.
             raise CommandFailed("spawn_failed", f"server {_label(self.command)} was stopped while starting")
-        if status == 202:
-            # Same pitfall for a spawn that outlived the start request: the hub's DELETE waits
-            # CANCEL_WINDOW before it stops a cancelled spawn, so only a model read after it counts.
-            await asyncio.sleep(CANCEL_WINDOW)
+        if status == 201 and self.ready_url:
+            # 201: the hub held our start until the server was ready, so the spawn is ours, with our
+            # options (a pending or running one answers 202 or 400), and was not cancelled (that
+            # answers 500). The model would say nothing new; reading it queues behind the hub's work.
+            return await self._result({"url": self.ready_url})
+        # A spawn that outlived the start request (202) and was cancelled by someone else's stop in
+        # its last second would still look ready here: the hub shows a cancelled spawn as ready
+        # for the 1 s its DELETE waits before stopping it. Waiting that second out would add it
+        # to every slow launch; our own removes cannot race (one command per server at a time).
         server = await self.hub.get_server(username, server_name)
         if not server or not server.get("ready") or server.get("pending"):
             raise CommandFailed(
@@ -222,6 +226,7 @@ class _Launch:
                         "launch.progress", {"progress": event.get("progress"), "message": event.get("message", "")}
                     )
                     if event.get("ready"):
+                        self.ready_url = str(event.get("url") or "")
                         return
             except HubError as error:
                 if error.status == 400 and not start.done():
