@@ -20,9 +20,10 @@ import os
 
 from jupyterhub.proxy import ConfigurableHTTPProxy
 from jupyterhub.spawner import Spawner
+from tests.support.hub_common import apply_local_hub_basics
 
 c = get_config()  # noqa: F821 (JupyterHub's config loader provides it)
-state = os.environ["LOCALHUB_DIR"]
+state = apply_local_hub_basics(c)
 with open(os.path.join(state, "bench.json")) as file:
     bench = json.load(file)
 
@@ -72,19 +73,6 @@ class BenchProxy(ConfigurableHTTPProxy):
 
 
 c.JupyterHub.proxy_class = BenchProxy
-c.JupyterHub.ip = "127.0.0.1"
-c.JupyterHub.port = int(os.environ["LOCALHUB_PORT"])
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = int(os.environ["LOCALHUB_HUB_PORT"])
-c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{os.environ['LOCALHUB_PROXY_API_PORT']}"
-c.ConfigurableHTTPProxy.command = [os.environ["LOCALHUB_CHP"]]
-c.JupyterHub.db_url = f"sqlite:///{state}/jupyterhub.sqlite"
-c.JupyterHub.cookie_secret_file = f"{state}/jupyterhub_cookie_secret"
-c.JupyterHub.pid_file = f"{state}/jupyterhub.pid"
-c.JupyterHub.cleanup_servers = True
-c.JupyterHub.authenticator_class = "null"
-c.Authenticator.allow_all = True
-c.JupyterHub.allow_named_servers = True
 c.JupyterHub.spawner_class = BenchSpawner
 c.JupyterHub.concurrent_spawn_limit = 0  # off: the benchmark wants up to 1,000 spawns pending
 c.JupyterHub.active_server_limit = 0

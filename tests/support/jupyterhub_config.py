@@ -13,9 +13,10 @@ import os
 import sys
 
 from consumer.spawner import LocalLauncherSpawner
+from tests.support.hub_common import apply_local_hub_basics
 
 c = get_config()  # noqa: F821 (JupyterHub's config loader provides it)
-state = os.environ["LOCALHUB_DIR"]
+state = apply_local_hub_basics(c)
 if os.environ.get("LOCALHUB_INCLUDE"):
     # A documented example config, loaded as a real hub loads it; the settings below override it.
     os.environ.setdefault("LAUNCHER_SERVICE_TOKEN", os.environ["LOCALHUB_SERVICE_TOKEN"])
@@ -48,19 +49,6 @@ class TestSpawner(LocalLauncherSpawner):
         return super().get_args()
 
 
-c.JupyterHub.ip = "127.0.0.1"
-c.JupyterHub.port = int(os.environ["LOCALHUB_PORT"])
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = int(os.environ["LOCALHUB_HUB_PORT"])
-c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{os.environ['LOCALHUB_PROXY_API_PORT']}"
-c.ConfigurableHTTPProxy.command = [os.environ["LOCALHUB_CHP"]]
-c.JupyterHub.db_url = f"sqlite:///{state}/jupyterhub.sqlite"
-c.JupyterHub.cookie_secret_file = f"{state}/jupyterhub_cookie_secret"
-c.JupyterHub.pid_file = f"{state}/jupyterhub.pid"
-c.JupyterHub.cleanup_servers = True
-c.JupyterHub.authenticator_class = "null"
-c.Authenticator.allow_all = True
-c.JupyterHub.allow_named_servers = True
 c.JupyterHub.spawner_class = TestSpawner
 c.SimpleLocalProcessSpawner.home_dir_template = f"{state}/home/{{username}}"
 c.Spawner.start_timeout = 60
