@@ -120,10 +120,11 @@ class _Launch:
     spawned: bool = False  # we started (or followed) a spawn that is ours to stop on failure
     last_message: str = ""
     ready_url: str = ""  # the server's path, from the progress stream's "ready" event
+    pending_model: asyncio.Task[dict[str, Any] | None] | None = None  # read while a 202 spawn runs
 
     async def run(self) -> dict[str, Any]:
-        """Four hub requests for a new server: user, start, token, progress (and the model when the
-        start request was answered before the server was ready).
+        """Four hub requests for a new server: user, start, token, progress; a fifth, the model, when
+        the start request was answered before the server was ready, read while it starts.
 
         The start request is not preceded by a read of the server: the hub's answer (400 already
         running, 202 already pending) and the final server model say the same for one request less.
@@ -153,23 +154,32 @@ class _Launch:
             # options (a pending or running one answers 202 or 400), and was not cancelled (that
             # answers 500). The model would say nothing new; reading it queues behind the hub's work.
             return await self._result({"url": self.ready_url})
-        # A spawn that outlived the start request (202) and was cancelled by someone else's stop in
-        # its last second would still look ready here: the hub shows a cancelled spawn as ready
-        # for the 1 s its DELETE waits before stopping it. Waiting that second out would add it
-        # to every slow launch; our own removes cannot race (one command per server at a time).
+        if self.pending_model is not None and self.ready_url:
+            # 202: the options were checked on the model read while the server was starting, off
+            # the caller's wait. A spawn cancelled by someone else's stop in its last second would
+            # still look ready to any read now: the hub shows a cancelled spawn as ready for the
+            # 1 s its DELETE waits before stopping it, and waiting that out would add it to every
+            # slow launch; our own removes cannot race (one command per server at a time).
+            self._check_options(await self.pending_model, options)
+            return await self._result({"url": self.ready_url})
+        self._drop_pending_model()
         server = await self.hub.get_server(username, server_name)
         if not server or not server.get("ready") or server.get("pending"):
             raise CommandFailed(
                 "spawn_failed", self.last_message or f"server {_label(self.command)} stopped while starting"
             )
-        if (server.get("user_options") or {}) != options:
+        self._check_options(server, options)
+        return await self._result(server)
+
+    def _check_options(self, server: dict[str, Any] | None, options: dict[str, Any]) -> None:
+        """A 202 may mean someone else's spawn was already pending: the hub ignored our options."""
+        if server and (server.get("user_options") or {}) != options:
             self.spawned = False  # someone else's server: not ours to stop
             raise CommandFailed(
                 "already_running",
                 f"server {_label(self.command)} is running with other options; remove it first",
                 {"user_options": server.get("user_options")},
             )
-        return await self._result(server)
 
     async def _issue_token(self) -> tuple[str, str]:
         username, server_name = self.command.username, self.command.server_name
@@ -189,7 +199,10 @@ class _Launch:
             # short by the timeout while the hub works on it); the options check may disown it.
             self.spawned = True
             try:
-                return await self.hub.start_server(username, server_name, options)
+                status = await self.hub.start_server(username, server_name, options)
+                if status == 202:
+                    self.pending_model = asyncio.create_task(self.hub.get_server(username, server_name))
+                return status
             except HubError as error:
                 if error.status == 400 and "already running" in error.message:
                     self.spawned = False
@@ -270,7 +283,18 @@ class _Launch:
             **command.model_dump(include={"cpu", "memory", "gpu", "vols"}, exclude_none=False),
         }
 
+    def _drop_pending_model(self) -> None:
+        task, self.pending_model = self.pending_model, None
+        if task is None:
+            return
+        if task.done():
+            if not task.cancelled():
+                task.exception()  # read: a failed read is not worth a "never retrieved" warning
+        else:
+            task.cancel()
+
     async def revoke_token(self) -> None:
+        self._drop_pending_model()
         task, self.token_task = self.token_task, None
         if task is None:
             return

@@ -232,3 +232,51 @@ async def test_a_spawn_cancelled_on_the_hub_is_not_reported_ready(
     assert reply["ok"] is False, reply
     assert reply["error"]["code"] == "spawn_failed"
     assert await hub_api.get_server(username) is None
+
+
+@pytest.fixture(scope="module")
+def eager_hub():
+    """A hub that answers every start at once with 202, as Zero to JupyterHub's does
+    (slow_spawn_timeout 0): launches are then followed on the progress stream alone."""
+    with LocalHub(extra={"tornado_settings": {"slow_spawn_timeout": 0}}) as running:
+        yield running
+
+
+async def test_launch_on_a_hub_that_answers_202_at_once_is_followed_to_ready(eager_hub: LocalHub, username: str) -> None:
+    from tests.conftest import delete_topology, make_settings, running_service
+
+    settings = make_settings(eager_hub)
+    try:
+        async with running_service(settings), Client(settings) as own:
+            reply = await own.call({"action": "launch", "username": username, "image": "standin:slow-2"})
+            other = await own.call({"action": "launch", "username": username, "image": "standin", "cpu": {"limit": 1}})
+    finally:
+        await delete_topology(settings)
+    assert reply["ok"] is True, reply
+    assert reply["result"]["url"] == f"{eager_hub.url}/user/{username}/"
+    assert other["error"]["code"] == "already_running"
+
+
+async def test_a_launch_that_meets_someone_elses_pending_spawn_with_other_options_leaves_it_alone(
+    eager_hub: LocalHub, username: str
+) -> None:
+    from tests.conftest import delete_topology, make_settings, running_service
+
+    settings = make_settings(eager_hub)
+    try:
+        async with aiohttp.ClientSession() as session, running_service(settings), Client(settings) as own:
+            hub = HubClient(session, eager_hub.api_url, eager_hub.token)
+            await hub.ensure_user(username)
+            assert await hub.start_server(username, "", {"image": "standin:slow-3"}) == 202
+            reply = await own.call({"action": "launch", "username": username, "image": "standin"})
+            async with asyncio.timeout(30):
+                async for event in hub.progress(username):
+                    if event.get("ready"):
+                        break
+            server = await hub.get_server(username)
+    finally:
+        await delete_topology(settings)
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "already_running"
+    assert reply["error"]["details"]["user_options"] == {"image": "standin:slow-3"}
+    assert server is not None and server["ready"] is True  # the other spawn was not stopped
