@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .stats import percentile, summary
+from .stats import summary
 
 TARGET_N = 200
 CAPACITY_TARGET = 1000

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import aio_pika
-import pytest
 
 from consumer.config import Settings
 from tests.conftest import AMQP_URL, Client, delete_topology, make_settings, running_service, unique

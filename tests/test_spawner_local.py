@@ -19,7 +19,7 @@ from traitlets.config import Config
 
 from consumer.config import Settings
 from consumer.hub import HubClient, HubError
-from tests.conftest import Client, delete_topology, make_settings, running_service, unique
+from tests.conftest import Client, delete_topology, make_settings, running_service
 from tests.support.localhub import LocalHub
 
 ROOT = Path(__file__).resolve().parents[1]
