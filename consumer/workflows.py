@@ -126,8 +126,8 @@ class _Launch:
         """Four hub requests for a new server: user, start, token, progress; a fifth, the model, when
         the start request was answered before the server was ready, read while it starts.
 
-        The start request is not preceded by a read of the server: the hub's answer (400 already
-        running, 202 already pending) and the final server model say the same for one request less.
+        The start request is not preceded by a read of the server: the hub's answer (201 ours and
+        ready, 202 pending, 400 already running) says as much, for one request less.
         """
         username, server_name = self.command.username, self.command.server_name
         options = self.command.user_options()
@@ -164,7 +164,7 @@ class _Launch:
             return await self._result({"url": self.ready_url})
         self._drop_pending_model()
         server = await self.hub.get_server(username, server_name)
-        if not server or not server.get("ready") or server.get("pending"):
+        if not _is_running(server):
             raise CommandFailed(
                 "spawn_failed", self.last_message or f"server {_label(self.command)} stopped while starting"
             )
@@ -265,7 +265,7 @@ class _Launch:
             server = await self.hub.get_server(username, server_name)
             if not server:
                 raise CommandFailed("spawn_failed", self.last_message or "the server stopped while starting")
-            if server.get("ready") and not server.get("pending"):
+            if _is_running(server):
                 return
             await asyncio.sleep(self.settings.status_check_interval)
         raise TimeoutError
@@ -354,6 +354,11 @@ def _hub_errors() -> Any:
         raise CommandFailed("hub_unavailable", f"JupyterHub is unavailable: {error}") from None
     except HubError as error:
         raise CommandFailed("hub_error", f"JupyterHub answered {error.status}: {error.message}") from None
+
+
+def _is_running(server: dict[str, Any] | None) -> bool:
+    """Ready and not in the middle of a start or stop, by the hub's server model."""
+    return bool(server and server.get("ready") and not server.get("pending"))
 
 
 def _label(command: LaunchCommand | RemoveCommand | ReadCommand) -> str:
