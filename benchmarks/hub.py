@@ -151,11 +151,14 @@ class BenchHub:
         async def delete(username: str) -> None:
             async with gate:
                 for _ in range(20):  # bounded: a server still stopping answers 400 for a moment
-                    async with session.delete(
-                        f"{self.api_url}/users/{username}", headers=self.headers("admin")
-                    ) as response:
-                        if response.status in (204, 404):
-                            return
+                    try:
+                        async with session.delete(
+                            f"{self.api_url}/users/{username}", headers=self.headers("admin")
+                        ) as response:
+                            if response.status in (204, 404):
+                                return
+                    except aiohttp.ClientConnectionError:
+                        pass  # a kept-alive connection the hub had just closed: ask again
                     await asyncio.sleep(0.5)
 
         await asyncio.gather(*(delete(u) for u in usernames))

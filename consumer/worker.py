@@ -114,8 +114,8 @@ class Worker:
         target = {"action": command.action, "username": command.username, "server_name": command.server_name}
         log.info("%s %s/%s: started (command %s)", command.action, command.username, command.server_name, message.message_id)
 
-        async def emit(event_type: str, data: dict[str, Any]) -> None:
-            await self._emit(command, message.correlation_id, event_type, data)
+        def emit(event_type: str, data: dict[str, Any]) -> None:
+            self._emit(command, message.correlation_id, event_type, data)
 
         try:
             result = await self.workflows.run(command, emit)
@@ -167,7 +167,7 @@ class Worker:
             return False
         return True
 
-    async def _emit(
+    def _emit(
         self,
         command: LaunchCommand | RemoveCommand | ReadCommand,
         correlation_id: str | None,
@@ -181,13 +181,7 @@ class Worker:
             correlationid=correlation_id,
             data=data,
         )
-        try:
-            await self.broker.publish_event(
-                event_type, correlation_id, event.model_dump_json().encode(), EVENT_CONTENT_TYPE
-            )
-        except Exception as error:
-            # Events inform subscribers; a lost one must not fail the command itself.
-            log.warning("could not publish event %s: %s", event_type, type(error).__name__)
+        self.broker.publish_event(event_type, correlation_id, event.model_dump_json().encode(), EVENT_CONTENT_TYPE)
 
     async def drain(self, grace: float) -> None:
         """Let running commands finish for ``grace`` seconds, then interrupt (and requeue) the rest."""

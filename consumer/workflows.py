@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from .hub import HubClient, HubError, HubUnavailable
 
 log = logging.getLogger(__name__)
 
-Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
+Emit = Callable[[str, dict[str, Any]], None]  # queues a lifecycle event; never waits
 CLEANUP_TIMEOUT = 30.0  # a failed launch's stop and revoke get this long, past the command's timeout
 ALREADY_RUNNING = 0  # _start's answer when the hub says the server is already running
 
@@ -61,7 +61,7 @@ class Workflows:
         return server
 
     async def remove(self, command: RemoveCommand, emit: Emit) -> dict[str, Any]:
-        await emit("remove.accepted", {})
+        emit("remove.accepted", {})
         deadline = self._deadline(self.settings.launch_timeout)
         try:
             with _hub_errors():
@@ -69,16 +69,16 @@ class Workflows:
                     await _stop(self.hub.until(deadline), command.username, command.server_name, self.settings)
         except TimeoutError:
             error = CommandFailed("hub_error", f"server {_label(command)} did not stop in time")
-            await emit("remove.failed", {"code": error.code, "message": error.message})
+            emit("remove.failed", {"code": error.code, "message": error.message})
             raise error from None
         except CommandFailed as error:
-            await emit("remove.failed", {"code": error.code, "message": error.message})
+            emit("remove.failed", {"code": error.code, "message": error.message})
             raise
-        await emit("remove.stopped", {})
+        emit("remove.stopped", {})
         return {"stopped": True}
 
     async def launch(self, command: LaunchCommand, emit: Emit) -> dict[str, Any]:
-        await emit("launch.accepted", {"image": command.image})
+        emit("launch.accepted", {"image": command.image})
         timeout = command.timeout or self.settings.launch_timeout
         deadline = self._deadline(timeout)
         launch = _Launch(self.hub.until(deadline), command, self.settings, emit)
@@ -93,18 +93,18 @@ class Workflows:
                 f"server {_label(command)} was not ready within {timeout:g} s"
                 + (f"; last progress: {launch.last_message}" if launch.last_message else ""),
             )
-            await emit("launch.failed", {"code": error.code, "message": error.message})
+            emit("launch.failed", {"code": error.code, "message": error.message})
             raise error from None
         except CommandFailed as error:
             await launch.clean_up()
-            await emit("launch.failed", {"code": error.code, "message": error.message})
+            emit("launch.failed", {"code": error.code, "message": error.message})
             raise
         except asyncio.CancelledError:
             # Shutting down: the command goes back to the queue and its next run follows the spawn
             # that is still pending, so only the token nobody will receive is withdrawn.
             await launch.revoke_token()
             raise
-        await emit("launch.ready", {"url": result["url"]})
+        emit("launch.ready", {"url": result["url"]})
         return result
 
 
@@ -235,7 +235,7 @@ class _Launch:
                         if start.exception() is not None:
                             raise start.exception()  # type: ignore[misc]
                         raise CommandFailed("spawn_failed", self.last_message or "spawn failed")
-                    await self.emit(
+                    self.emit(
                         "launch.progress", {"progress": event.get("progress"), "message": event.get("message", "")}
                     )
                     if event.get("ready"):

@@ -87,7 +87,7 @@ async def scripted(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Script
     await runner.cleanup()
 
 
-async def no_events(event_type: str, data: dict[str, Any]) -> None:
+def no_events(event_type: str, data: dict[str, Any]) -> None:
     pass
 
 
