@@ -268,7 +268,12 @@ class _Launch:
             if _is_running(server):
                 return
             await asyncio.sleep(self.settings.status_check_interval)
-        raise TimeoutError
+        raise CommandFailed(
+            "spawn_timeout",
+            f"server {_label(self.command)} was not ready after {self.settings.status_check_count} status checks"
+            f" {self.settings.status_check_interval:g} s apart"
+            + (f"; last progress: {self.last_message}" if self.last_message else ""),
+        )
 
     async def _result(self, server: dict[str, Any]) -> dict[str, Any]:
         assert self.token_task is not None

@@ -111,3 +111,4 @@ async def test_polling_gives_up_after_status_check_count_reads(scripted: tuple[S
     with pytest.raises(CommandFailed) as failed:
         await workflows.launch(LaunchCommand(username="bob", image="img"), no_events)
     assert failed.value.code == "spawn_timeout"
+    assert "not ready after 3 status checks" in failed.value.message
