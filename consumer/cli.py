@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from .config import ConfigError, Settings, load_settings
 
@@ -40,5 +42,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from .service import serve  # the service's dependencies only when it runs
 
-    asyncio.run(serve(settings))
+    _run(serve(settings))
     return 0
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # not built for this platform: the standard event loop
+        asyncio.run(main)
+        return
+    uvloop.run(main)

@@ -34,7 +34,12 @@ async def serve(
         await broker.connect()
         worker = Worker(settings, broker, Workflows(hub, settings))
         await broker.consume(worker.on_message)
-        log.info("consuming %s (hub %s)", settings.command_queue, settings.hub_api_url)
+        log.info(
+            "consuming %s (hub %s, %s event loop)",
+            settings.command_queue,
+            settings.hub_api_url,
+            type(loop).__module__.split(".")[0],
+        )
         if started is not None:
             started.set()
         try:

@@ -71,6 +71,7 @@ async def test_sigterm_lets_a_running_launch_finish_then_exits_0_and_logs_no_sec
     assert process.stderr is not None
     log = (await process.stderr.read()).decode()
     assert "shutting down" in log and "launch " + username in log
+    assert "uvloop event loop" in log  # the CLI runs on uvloop where it is installed, as here
     assert hub.token not in log
     assert reply["result"]["token"] not in log
 
