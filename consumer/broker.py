@@ -9,8 +9,8 @@ RPC replies go to the default exchange with routing key = the command's ``reply_
 
 Replies are what callers wait for; lifecycle events only inform. Events are handed to a backlog and
 published in order by one task, on a connection of their own, so that publishing them never holds up
-a reply: a connection writes a few frames per event-loop turn, and a burst of launches becoming
-ready together (each with its events) made the last replies wait hundreds of turns.
+a reply: a connection writes a few frames per event-loop turn, and in a burst of launches becoming
+ready together, replies queued behind the events of the others.
 """
 
 from __future__ import annotations
