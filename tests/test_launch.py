@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import aiohttp
 import pytest
 
+from consumer import workflows
 from consumer.hub import HubClient
 from tests.conftest import Client
 from tests.support.localhub import LocalHub
@@ -280,3 +282,54 @@ async def test_a_launch_that_meets_someone_elses_pending_spawn_with_other_option
     assert reply["error"]["code"] == "already_running"
     assert reply["error"]["details"]["user_options"] == {"image": "standin:slow-3"}
     assert server is not None and server["ready"] is True  # the other spawn was not stopped
+
+
+def _launcher_requests(hub: LocalHub, username: str) -> list[str]:
+    """The hub's request log for the launcher's requests about ``username``, in the order answered:
+    ``"<status> <method> <path>"``."""
+    found = []
+    for line in hub.log_path.read_text().splitlines():
+        match = re.search(r"\] (\d{3}) (\w+) (/hub/api/users/([^/ ?]+)\S*) \(launcher@", line)
+        if match and match.group(4) == username:
+            found.append(f"{match.group(1)} {match.group(2)} {match.group(3)}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def slow_answering_hub():
+    """A hub that holds start requests 2 s (JupyterHub's default is 10 s) before answering 202."""
+    with LocalHub(extra={"tornado_settings": {"slow_spawn_timeout": 2}}) as running:
+        yield running
+
+
+async def test_a_slow_spawn_has_its_options_checked_while_it_starts_not_after_the_hubs_202(
+    slow_answering_hub: LocalHub, username: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import delete_topology, make_settings, running_service
+
+    monkeypatch.setattr(workflows, "OPTIONS_CHECK_AFTER", 0.5)
+    settings = make_settings(slow_answering_hub)
+    try:
+        async with running_service(settings), Client(settings) as own:
+            reply = await own.call({"action": "launch", "username": username, "image": "standin:slow-4"})
+    finally:
+        await delete_topology(settings)
+    assert reply["ok"] is True, reply
+    requests = _launcher_requests(slow_answering_hub, username)
+    start = f"/hub/api/users/{username}/server"
+    assert f"202 POST {start}" in requests, requests
+    # The model was read (once) before the hub answered the start, not queued behind it at ready.
+    model_read = f"200 GET /hub/api/users/{username}"
+    assert requests.count(model_read) == 1, requests
+    assert requests.index(model_read) < requests.index(f"202 POST {start}"), requests
+
+
+async def test_a_launch_whose_start_is_answered_201_does_not_read_the_server_model(
+    service: None, client: Client, username: str, hub: LocalHub
+) -> None:
+    reply = await client.call({"action": "launch", "username": username, "image": "standin"})
+    assert reply["ok"] is True, reply
+    requests = _launcher_requests(hub, username)
+    assert f"201 POST /hub/api/users/{username}/server" in requests, requests
+    assert f"201 POST /hub/api/users/{username}/tokens" in requests, requests
+    assert not [r for r in requests if r.endswith(f"GET /hub/api/users/{username}")], requests
