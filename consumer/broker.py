@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable
 
 import aio_pika
@@ -48,7 +48,8 @@ PUBLISH_TIMEOUT = 30.0  # publishes block while the broker says the connection i
 EVENT_BACKLOG = 10_000  # events waiting to be published; past it they are dropped, with a warning
 EVENT_FLUSH_TIMEOUT = 5.0  # at shutdown, how long the backlog gets to reach the broker
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
-Event = tuple[str, str | None, bytes, str]  # routing key, correlation id, body, content type
+Render = Callable[[], bytes]  # an event's body, made when it is published
+Event = tuple[str, str | None, Render, str]  # routing key, correlation id, body, content type
 
 
 class Broker:
@@ -121,7 +122,7 @@ class Broker:
         """RPC reply to ``reply_to`` (a named queue or ``amq.rabbitmq.reply-to``); False if it is gone."""
         assert self.channel is not None
         try:
-            await _publish(self.channel, "", reply_to, _message(body, "application/json", correlation_id), mandatory=True)
+            await _publish(self.channel, "", reply_to, body, _properties("application/json", correlation_id), mandatory=True)
         except PublishError:
             # Never log the error itself: it holds the returned message, token included.
             log.warning("reply queue %r does not exist; the reply exchange still has the result", reply_to)
@@ -130,14 +131,18 @@ class Broker:
 
     async def publish_result(self, routing_key: str, correlation_id: str | None, body: bytes) -> None:
         assert self.channel is not None and self.replies is not None
-        message = _message(body, "application/json", correlation_id)
+        properties = _properties("application/json", correlation_id)
         # mandatory=False: nobody need be subscribed to results.
-        await _publish(self.channel, self.replies.name, routing_key, message, mandatory=False)
+        await _publish(self.channel, self.replies.name, routing_key, body, properties, mandatory=False)
 
-    def publish_event(self, routing_key: str, correlation_id: str | None, body: bytes, content_type: str) -> None:
-        """Queue a lifecycle event for publishing; events are published in the order queued."""
+    def publish_event(self, routing_key: str, correlation_id: str | None, render: Render, content_type: str) -> None:
+        """Queue a lifecycle event for publishing; events are published in the order queued.
+
+        Its body is made by ``render`` when it is published, not here: when many launches become
+        ready at once, that work then comes after their replies instead of before.
+        """
         try:
-            self.event_backlog.put_nowait((routing_key, correlation_id, body, content_type))
+            self.event_backlog.put_nowait((routing_key, correlation_id, render, content_type))
         except asyncio.QueueFull:
             self.events_dropped += 1
             if self.events_dropped % 1000 == 1:
@@ -146,15 +151,15 @@ class Broker:
     async def _pump_events(self) -> None:
         assert self.events_channel is not None and self.events is not None
         while True:
-            routing_key, correlation_id, body, content_type = await self.event_backlog.get()
+            routing_key, correlation_id, render, content_type = await self.event_backlog.get()
             try:
-                message = _message(body, content_type, correlation_id)
+                body, properties = render(), _properties(content_type, correlation_id)
                 # mandatory=False: nobody need be subscribed to events.
                 # wait_written: one event per writer turn, so when many launches become ready at once
                 # their replies go out first and their events trickle after; and the bounded backlog,
                 # not the socket's buffer, holds what the broker is not taking yet.
                 await _publish(
-                    self.events_channel, self.events.name, routing_key, message, mandatory=False, wait_written=True
+                    self.events_channel, self.events.name, routing_key, body, properties, False, wait_written=True
                 )
             except Exception as error:
                 log.warning("could not publish event %s: %s", routing_key, type(error).__name__)
@@ -179,7 +184,8 @@ async def _publish(
     channel: AbstractChannel,
     exchange: str,
     routing_key: str,
-    message: aio_pika.Message,
+    body: bytes,
+    properties: aiormq.spec.Basic.Properties,
     mandatory: bool,
     wait_written: bool = False,
 ) -> None:
@@ -193,22 +199,21 @@ async def _publish(
     """
     underlay = await channel.get_underlay_channel()
     await underlay.basic_publish(
-        message.body,
+        body,
         exchange=exchange,
         routing_key=routing_key,
-        properties=message.properties,
+        properties=properties,
         mandatory=mandatory,
         timeout=PUBLISH_TIMEOUT,
         wait=wait_written,
     )
 
 
-def _message(body: bytes, content_type: str, correlation_id: str | None) -> aio_pika.Message:
-    return aio_pika.Message(
-        body,
+def _properties(content_type: str, correlation_id: str | None) -> aiormq.spec.Basic.Properties:
+    return aiormq.spec.Basic.Properties(
         content_type=content_type,
         correlation_id=correlation_id,
         # aiormq logs a returned message without message_id whole (body included) at ERROR level.
-        message_id=uuid.uuid4().hex,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=secrets.token_hex(16),
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
     )

@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -174,14 +175,20 @@ class Worker:
         event_type: str,
         data: dict[str, Any],
     ) -> None:
-        event = CloudEvent(
-            source=self.settings.event_source,
-            type=event_type,  # type: ignore[arg-type]
-            subject=f"{command.username}/{command.server_name}",
-            correlationid=correlation_id,
-            data=data,
-        )
-        self.broker.publish_event(event_type, correlation_id, event.model_dump_json().encode(), EVENT_CONTENT_TYPE)
+        happened = datetime.now(timezone.utc)
+
+        def render() -> bytes:
+            event = CloudEvent(
+                source=self.settings.event_source,
+                type=event_type,  # type: ignore[arg-type]
+                subject=f"{command.username}/{command.server_name}",
+                time=happened,
+                correlationid=correlation_id,
+                data=data,
+            )
+            return event.model_dump_json().encode()
+
+        self.broker.publish_event(event_type, correlation_id, render, EVENT_CONTENT_TYPE)
 
     async def drain(self, grace: float) -> None:
         """Let running commands finish for ``grace`` seconds, then interrupt (and requeue) the rest."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
 import aio_pika
@@ -45,8 +45,8 @@ async def collect(queue: aio_pika.abc.AbstractQueue, count: int, timeout: float 
     return received
 
 
-def event(n: int) -> tuple[str, str, bytes, str]:
-    return ("launch.progress", f"c-{n}", json.dumps({"n": n}).encode(), "application/json")
+def event(n: int) -> tuple[str, str, Callable[[], bytes], str]:
+    return ("launch.progress", f"c-{n}", lambda: json.dumps({"n": n}).encode(), "application/json")
 
 
 async def test_queued_events_are_published_in_order_even_when_the_broker_closes_right_after(
