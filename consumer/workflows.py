@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 Emit = Callable[[str, dict[str, Any]], None]  # queues a lifecycle event; never waits
 CLEANUP_TIMEOUT = 30.0  # a failed launch's stop and revoke get this long, past the command's timeout
 ALREADY_RUNNING = 0  # _start's answer when the hub says the server is already running
-# A start still unanswered this long after its spawn showed up pending may end in a 202, which needs
-# the options check: half JupyterHub's default slow_spawn_timeout (10 s), so the model is read while
-# the server starts. Read at the 202 instead, it came just before ready on a busy hub, which then
-# answered it after ready (overhead p95 at N = 200 in the benchmark: 200 ms against 50 ms).
-OPTIONS_CHECK_AFTER = 5.0
+# A start still unanswered this long after its spawn showed up pending is likely to end in a 202,
+# which needs the options check, so the model is read now, while the server starts: read at the 202
+# instead, it came just before ready when a busy hub took a little over its slow_spawn_timeout (10 s
+# by default) to spawn, and the hub answered it after ready (overhead p95 at N = 200 in the
+# benchmark: 200 ms against 50 ms). Earlier would spend reads on spawns that end in a 201.
+OPTIONS_CHECK_AFTER = 8.0
 
 
 class CommandFailed(Exception):
