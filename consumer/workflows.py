@@ -127,7 +127,7 @@ class _Launch:
     last_message: str = ""
     ready_url: str = ""  # the server's path, from the progress stream's "ready" event
     pending_model: asyncio.Task[dict[str, Any] | None] | None = None  # read while the spawn is pending
-    slow_check: asyncio.Task[None] | None = None  # reads the model if the start is slow to be answered
+    slow_check: asyncio.TimerHandle | None = None  # reads the model if the start is slow to be answered
 
     async def run(self) -> dict[str, Any]:
         """Four hub requests for a new server: user, start, token, progress; a fifth, the model, when
@@ -239,8 +239,7 @@ class _Launch:
             username, server_name = self.command.username, self.command.server_name
             self.pending_model = asyncio.create_task(self.hub.get_server(username, server_name))
 
-    async def _read_model_if_slow(self, start: asyncio.Task[int]) -> None:
-        await asyncio.wait({start}, timeout=OPTIONS_CHECK_AFTER)
+    def _read_model_if_unanswered(self, start: asyncio.Task[int]) -> None:
         if not start.done():
             self._read_pending_model()
 
@@ -253,7 +252,9 @@ class _Launch:
                 async for event in self.hub.progress(username, server_name):
                     if self.slow_check is None and not start.done():
                         # The stream is open, so a spawn is pending: time it from here.
-                        self.slow_check = asyncio.create_task(self._read_model_if_slow(start))
+                        self.slow_check = asyncio.get_running_loop().call_later(
+                            OPTIONS_CHECK_AFTER, self._read_model_if_unanswered, start
+                        )
                     self.last_message = str(event.get("message") or self.last_message)
                     if event.get("failed"):
                         # A spawner that refuses the options fails the spawn and the start request
