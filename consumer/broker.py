@@ -33,7 +33,6 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import PublishError
 
-from . import transport
 from .config import Settings
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,10 @@ class Broker:
 
     async def connect(self) -> None:
         s = self.settings
-        self.connection = await transport.connect(s.amqp_url.get_secret_value(), f"jupyterhub-launcher {s.command_queue}")
+        self.connection = await aio_pika.connect_robust(
+            s.amqp_url.get_secret_value(),
+            client_properties={"connection_name": f"jupyterhub-launcher {s.command_queue}"},
+        )
         # Returned (unroutable) replies raise, so a vanished reply queue is noticed, not ignored.
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)  # type: ignore[assignment]
         assert self.channel is not None
@@ -97,8 +99,9 @@ class Broker:
             s.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         # Events: a connection of their own, without publisher confirms (a lost event fails nothing).
-        self.events_connection = await transport.connect(
-            s.amqp_url.get_secret_value(), f"jupyterhub-launcher {s.command_queue} events"
+        self.events_connection = await aio_pika.connect_robust(
+            s.amqp_url.get_secret_value(),
+            client_properties={"connection_name": f"jupyterhub-launcher {s.command_queue} events"},
         )
         self.events_channel = await self.events_connection.channel(publisher_confirms=False)
         self.events = await self.events_channel.declare_exchange(
