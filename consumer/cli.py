@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Coroutine
@@ -41,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings)
 
     from .service import serve  # the service's dependencies only when it runs
+
+    # What start-up made (modules, classes, Pydantic schemas: ~50,000 objects) lives as long as the
+    # process. Frozen, it is out of the collector's reach, so a full collection no longer walks it:
+    # in the benchmark, full collections during a burst of launches took 25-40 ms, and 1 ms frozen.
+    gc.collect()
+    gc.freeze()
 
     _run(serve(settings))
     return 0

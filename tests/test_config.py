@@ -106,3 +106,25 @@ def test_cli_exits_2_with_the_error_for_a_bad_config(tmp_path: Path, capsys: pyt
     assert "max_concurrency" in capsys.readouterr().err
     assert main(["run", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read config file" in capsys.readouterr().err
+
+
+def test_the_cli_freezes_what_start_up_made_out_of_the_collectors_reach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from consumer import service
+
+    seen: dict[str, int] = {}
+
+    async def serve(settings: Settings) -> None:
+        seen["frozen"] = gc.get_freeze_count()
+
+    monkeypatch.setattr(service, "serve", serve)
+    try:
+        assert main(["run", "--config", str(write(tmp_path, "log_level: WARNING\n"))]) == 0
+    finally:
+        gc.unfreeze()
+        logging.getLogger().setLevel(logging.WARNING)
+    # Modules, classes and schemas: tens of thousands of objects a full collection no longer walks.
+    assert seen["frozen"] > 10_000, seen
