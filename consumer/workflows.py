@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 Emit = Callable[[str, dict[str, Any]], None]  # queues a lifecycle event; never waits
 CLEANUP_TIMEOUT = 30.0  # a failed launch's stop and revoke get this long, past the command's timeout
 ALREADY_RUNNING = 0  # _start's answer when the hub says the server is already running
-# A start still unanswered this long after its spawn showed up pending is likely to end in a 202,
-# which needs the options check, so the model is read now, while the server starts: read at the 202
-# instead, it came just before ready when a busy hub took a little over its slow_spawn_timeout (10 s
-# by default) to spawn, and the hub answered it after ready (overhead p95 at N = 200 in the
-# benchmark: 200 ms against 50 ms). Earlier would spend reads on spawns that end in a 201.
+# A start still unanswered this long after its token (sent right behind it) is likely to end in a
+# 202, which needs the options check, so the model is read now, while the server starts: read at the
+# 202 instead, it came just before ready when a busy hub took a little over its slow_spawn_timeout
+# (10 s by default) to spawn, and the hub answered it after ready (overhead p95 at N = 200 in the
+# benchmark: 200 ms against 50 ms). Earlier would spend reads on spawns that end in a 201; timed
+# from the progress stream instead, it came too late when the stream opened late on a busy hub.
 OPTIONS_CHECK_AFTER = 8.0
 
 
@@ -147,6 +148,11 @@ class _Launch:
         self.token_task = asyncio.create_task(self._issue_token())
         try:
             await asyncio.wait({start, self.token_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not start.done():
+                # The hub took up the start just before the token: time the start from here.
+                self.slow_check = asyncio.get_running_loop().call_later(
+                    OPTIONS_CHECK_AFTER, self._read_model_if_unanswered, start
+                )
             if not start.done() or start.result() != ALREADY_RUNNING:
                 await self._follow(start)
             status = await start
@@ -250,11 +256,6 @@ class _Launch:
         while True:
             try:
                 async for event in self.hub.progress(username, server_name):
-                    if self.slow_check is None and not start.done():
-                        # The stream is open, so a spawn is pending: time it from here.
-                        self.slow_check = asyncio.get_running_loop().call_later(
-                            OPTIONS_CHECK_AFTER, self._read_model_if_unanswered, start
-                        )
                     self.last_message = str(event.get("message") or self.last_message)
                     if event.get("failed"):
                         # A spawner that refuses the options fails the spawn and the start request
