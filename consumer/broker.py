@@ -159,7 +159,13 @@ class Broker:
                 # their replies go out first and their events trickle after; and the bounded backlog,
                 # not the socket's buffer, holds what the broker is not taking yet.
                 await _publish(
-                    self.events_channel, self.events.name, routing_key, body, properties, False, wait_written=True
+                    self.events_channel,
+                    self.events.name,
+                    routing_key,
+                    body,
+                    properties,
+                    mandatory=False,
+                    wait_written=True,
                 )
             except Exception as error:
                 log.warning("could not publish event %s: %s", routing_key, type(error).__name__)

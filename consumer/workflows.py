@@ -128,7 +128,6 @@ class _Launch:
     last_message: str = ""
     ready_url: str = ""  # the server's path, from the progress stream's "ready" event
     pending_model: asyncio.Task[dict[str, Any] | None] | None = None  # read while the spawn is pending
-    slow_check: asyncio.TimerHandle | None = None  # reads the model if the start is slow to be answered
 
     async def run(self) -> dict[str, Any]:
         """Four hub requests for a new server: user, start, token, progress; a fifth, the model, when
@@ -146,11 +145,12 @@ class _Launch:
         # is answered once the spawn is pending, so it costs the caller nothing, and from then on
         # the progress stream is open, even while the start request is still held by the hub.
         self.token_task = asyncio.create_task(self._issue_token())
+        slow_check: asyncio.TimerHandle | None = None  # reads the model if the start is slow to be answered
         try:
             await asyncio.wait({start, self.token_task}, return_when=asyncio.FIRST_COMPLETED)
             if not start.done():
                 # The hub took up the start just before the token: time the start from here.
-                self.slow_check = asyncio.get_running_loop().call_later(
+                slow_check = asyncio.get_running_loop().call_later(
                     OPTIONS_CHECK_AFTER, self._read_model_if_unanswered, start
                 )
             if not start.done() or start.result() != ALREADY_RUNNING:
@@ -159,8 +159,8 @@ class _Launch:
         finally:
             if not start.done():
                 start.cancel()
-            if self.slow_check is not None:
-                self.slow_check.cancel()
+            if slow_check is not None:
+                slow_check.cancel()
         if status >= 500:
             # The start failed, yet the stream said ready: a stop cancelled the spawn, and the hub
             # reports a cancelled spawn as ready (and its model as ready) until it stops it.
