@@ -88,8 +88,9 @@ async def service(settings: Settings) -> AsyncIterator[None]:
 class Client:
     """A publisher as a platform service would write one: RPC calls plus event subscriptions."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, durable_replies: bool = False) -> None:
         self.settings = settings
+        self.durable_replies = durable_replies
         self.replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.results: list[tuple[str, dict[str, Any]]] = []
         self.events: list[dict[str, Any]] = []
@@ -98,7 +99,11 @@ class Client:
     async def __aenter__(self) -> Client:
         self.connection = await aio_pika.connect_robust(AMQP_URL)
         self.channel = await self.connection.channel(on_return_raises=True)
-        self.reply_queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+        if self.durable_replies:
+            # Outlives a broker restart: a reply sent before this client has reconnected waits for it.
+            self.reply_queue = await self.channel.declare_queue(unique("test-replies-"), durable=True)
+        else:
+            self.reply_queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
         await self.reply_queue.consume(self._on_reply, no_ack=True)
         replies = await self.channel.declare_exchange(
             self.settings.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True
@@ -115,6 +120,8 @@ class Client:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self.durable_replies:
+            await self.reply_queue.delete(if_unused=False, if_empty=False)
         await self.connection.close()
 
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:

@@ -229,16 +229,17 @@ def _restart_broker() -> None:
     subprocess.run(["rabbitmqctl", "await_startup"], check=True, capture_output=True)
 
 
-async def test_a_launch_in_flight_survives_a_broker_restart(
-    service: None, client: Client, settings: Settings, username: str
-) -> None:
-    correlation_id = await client.send({"action": "launch", "username": username, "image": "standin:slow-3"})
-    await wait_for_event(client, correlation_id, "launch.accepted")
-    await asyncio.to_thread(_restart_broker)
+async def test_a_launch_in_flight_survives_a_broker_restart(service: None, settings: Settings, username: str) -> None:
+    # The caller's reply queue is durable: an exclusive one is gone with the broker until the caller
+    # has reconnected, and the launcher may answer before that (the result event still has it).
+    async with Client(settings, durable_replies=True) as client:
+        correlation_id = await client.send({"action": "launch", "username": username, "image": "standin:slow-3"})
+        await wait_for_event(client, correlation_id, "launch.accepted")
+        await asyncio.to_thread(_restart_broker)
 
-    # The durable command comes back to the reconnected consumer, whose launch finds the server
-    # started (or starting) and answers with it.
-    reply = await client.reply(correlation_id, timeout=120)
+        # The durable command comes back to the reconnected consumer, whose launch finds the server
+        # started (or starting) and answers with it.
+        reply = await client.reply(correlation_id, timeout=120)
     assert reply["ok"] is True, reply
     assert reply["result"]["url"].endswith(f"/user/{username}/")
     await asyncio.sleep(1)
