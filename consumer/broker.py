@@ -9,8 +9,8 @@ RPC replies go to the default exchange with routing key = the command's ``reply_
 
 Replies are what callers wait for; lifecycle events only inform. Events are handed to a backlog and
 published in order by one task, on a connection of their own, so that publishing them never holds up
-a reply: a connection writes a few frames per event-loop turn, and in a burst of launches becoming
-ready together, replies queued behind the events of the others.
+a reply: a connection's frames all go through one writer task and its bounded queue, and in a burst
+of launches becoming ready together, replies queued behind the events of the others.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ from .config import Settings
 
 log = logging.getLogger(__name__)
 
-# aiormq queues at most 10 frames (publishes, acks) per connection for its writer task, which takes
-# them a few per event-loop turn: with a couple of hundred launches answered at once, replies waited
-# in that queue: overhead p95 at N = 200 in the benchmark 169–323 ms, against 39–89 ms with it raised.
+# aiormq queues at most 10 frames (publishes, acks) per connection for its writer task; a publish or
+# ack that finds the queue full waits for the writer's next turn. With a couple of hundred launches
+# answered at once, replies waited there: overhead p95 at N = 200 in the benchmark 169–323 ms,
+# against 39–89 ms with it raised.
 # aio-pika offers no way to pass it, so the class default is raised for our connections; memory
 # stays bounded by the commands in flight and the event backlog.
 aiormq.Connection.FRAME_BUFFER_SIZE = 4096
