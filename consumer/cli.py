@@ -10,6 +10,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from . import terminal
 from .config import ConfigError, Settings, load_settings
 
 # These log whole AMQP frames, message bodies (user tokens) included, at DEBUG.
@@ -31,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="consume launch/remove/read commands")
     run.add_argument("--config", default=None, help="YAML config file (default: ./config.yaml if present)")
+    terminal.add_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in terminal.COMMANDS:
+        return terminal.main(args)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
