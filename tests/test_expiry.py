@@ -180,6 +180,7 @@ async def test_a_later_launch_or_a_remove_supersedes_the_schedule(
 
 
 @pytest.mark.skipif(not rabbitnode.available(), reason="needs RabbitMQ's scripts to start a node of its own")
+@pytest.mark.timeout(900)
 async def test_fifty_ttls_expire_on_time_across_a_launcher_and_a_broker_restart(hub: LocalHub) -> None:
     with rabbitnode.RabbitNode() as node:
         settings = make_settings(hub, amqp_url=node.url)
