@@ -595,10 +595,16 @@ class LauncherSpawnerMixin(Configurable):
         if handler is None:
             return True  # no request to look at: the options must stand on their own
         read_body = getattr(handler, "get_server_json_body", None)
-        if read_body is not None:  # the REST API's start request
+        if read_body is not None:  # the REST API's start request (JupyterHub 6)
             try:
                 return bool(read_body().get("user_options"))
             except Exception:  # noqa: BLE001 (the hub has parsed this body already)
+                return True
+        read_json = getattr(handler, "get_json_body", None)
+        if read_json is not None:  # the REST API before JupyterHub 6: the body is the options
+            try:
+                return bool(read_json())
+            except Exception:  # noqa: BLE001
                 return True
         request = getattr(handler, "request", None)
         if getattr(request, "method", None) == "GET":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -142,6 +143,43 @@ async def test_a_start_without_options_gets_the_defaults_not_the_stored_options(
     assert "signed by its launcher" in await refused(spawner, {"cpu": {"limit": 4}})
     # Empty options need no signature: anyone may start with the defaults.
     assert container(await start(spawner, {})).resources.limits == {}
+
+
+class OlderApiRequest:
+    """JupyterHub 5's REST API handler: the whole body is the options."""
+
+    def __init__(self, body: dict[str, Any] | None) -> None:
+        self.body = body
+
+    def get_json_body(self) -> dict[str, Any] | None:
+        return self.body
+
+
+class PageRequest:
+    """The hub's spawn page (``GET /hub/spawn/<user>``): options only from query arguments."""
+
+    def __init__(self, **query: list[bytes]) -> None:
+        self.request = SimpleNamespace(method="GET", query_arguments={"next": [b"/"], **query})
+
+
+@pytest.mark.parametrize(
+    ("handler", "applied"),
+    [
+        pytest.param(OlderApiRequest(None), False, id="jupyterhub-5-api-no-body"),
+        pytest.param(OlderApiRequest({}), False, id="jupyterhub-5-api-empty"),
+        pytest.param(PageRequest(), False, id="spawn-page"),
+        pytest.param(None, True, id="no-request"),
+    ],
+)
+async def test_stored_options_are_not_reused_whichever_way_a_start_without_options_comes(handler: Any, applied: bool) -> None:
+    spawner = make_spawner(keyed())
+    stored = signed_options(KEY, "alice", "", {"cpu": {"limit": 4}})
+    await spawner.run_auth_state_hook(None)
+    spawner.handler = handler
+    spawner.user_options = spawner.orm_spawner.user_options = stored
+    spawner.launcher_apply(stored)
+    assert spawner.cpu_limit == (4 if applied else None)
+    assert spawner.orm_spawner.user_options == ({"cpu": {"limit": 4}} if applied else {})
 
 
 async def test_without_a_key_the_spawner_warns_once_that_any_user_can_set_options(
