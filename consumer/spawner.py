@@ -15,9 +15,10 @@ Everything else is refused, and everything is checked against the hub admin's po
 gets. Any user may post ``user_options`` for their own servers with their own token, so with a
 signing key configured (``launcher_signing_key``) only options signed by the launcher for this user
 and server, recently, are applied. Every start begins from the configured defaults, so nothing from
-an earlier start leaks into the next; a start without options gets the defaults. On JupyterHub >= 5.3 the options are applied in the ``apply_user_options``
-hook, so a refusal is the start request's own 400 with the message; older hubs apply them in
-``start()``, where a refusal fails the spawn with the message in the progress stream.
+an earlier start leaks into the next; a start without options gets the defaults. On JupyterHub >=
+5.3 the options are applied in the ``apply_user_options`` hook, so a refusal is the start request's
+own 400 with the message; older hubs apply them in ``start()``, where a refusal fails the spawn with
+the message in the progress stream.
 """
 
 from __future__ import annotations
@@ -682,7 +683,7 @@ class LauncherSpawnerMixin(Configurable):
         self._plan_cpu(options, plan)
         self._plan_memory(options, plan)
         gpus = self._plan_gpu(options, plan)
-        self._plan_volumes(options, plan, gpus)
+        self._plan_volumes(options, plan)
         self._plan_env(options, plan)
         self._plan_extras(options, plan, gpus)
         return {name: value for name, value in plan.items() if self.has_trait(name)}
@@ -829,7 +830,7 @@ class LauncherSpawnerMixin(Configurable):
                     f" on this one are more than this hub's per-user total of {show(cap)}"
                 )
 
-    def _plan_volumes(self, options: Mapping[str, Any], plan: dict[str, Any], gpus: int) -> None:
+    def _plan_volumes(self, options: Mapping[str, Any], plan: dict[str, Any]) -> None:
         vols = options.get("vols")
         if vols is not None and (not isinstance(vols, list) or len(vols) > _MAX_VOLS):
             raise LauncherOptionsError(f"vols: must be a list of at most {_MAX_VOLS} volumes")
