@@ -30,9 +30,8 @@ c.LauncherSpawnerMixin.launcher_user_max_servers = 4
 c.LauncherSpawnerMixin.launcher_user_max_cpu = 8
 c.LauncherSpawnerMixin.launcher_user_max_memory = "32G"
 c.LauncherSpawnerMixin.launcher_user_max_gpu = 2
-# The user's own claim, and claims named after it with a "." suffix (claim-alice.data): no other
-# user's claim name contains a ".".
-c.LauncherSpawnerMixin.launcher_allowed_pvcs = ["{claim}", r"{claim}\.[a-z0-9-]+"]
+# The user's own claim only (the default); read "Security model" in the README before widening it.
+c.LauncherSpawnerMixin.launcher_allowed_pvcs = ["{claim}"]
 # Extra options callers may send under "json" (default: none); built-ins: tolerations,
 # node_selector (KubeSpawner only) and default_url.
 c.LauncherSpawnerMixin.launcher_allowed_options = {"default_url": "default_url"}
