@@ -475,3 +475,19 @@ def test_module_works_as_one_file_outside_the_package(tmp_path: Path) -> None:
     )
     assert "launcher_spawner" in loaded
     assert not loaded & {"consumer", "schemas", "pydantic", "aio_pika"}
+
+
+async def test_the_readmes_launch_command_runs_against_the_z2jh_example_policy() -> None:
+    from schemas import LaunchCommand
+    from tests.test_spawner_local import readme_commands
+
+    values = yaml.safe_load((ROOT / "examples" / "z2jh-values.yaml").read_text())
+    config = Config()
+    for section, settings in values["hub"]["config"].items():
+        config[section].update(settings)
+    launch = next(c for c in readme_commands() if c["action"] == "launch")
+    command = LaunchCommand.model_validate(launch)
+    pod = await start(make_spawner(config, username=command.username, server_name=command.server_name), command.user_options())
+    assert container(pod).image == launch["image"]
+    assert container(pod).resources.limits["nvidia.com/gpu"] == "1"
+    assert env_of(pod)["COURSE"] == "ml-101"
