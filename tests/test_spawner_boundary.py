@@ -251,6 +251,11 @@ async def test_the_own_claim_follows_the_configured_pvc_name_template_and_serves
     user_spawner = make_spawner(config, username="alice.smith", server_name="gpu")
     pod = await start(user_spawner, {"vols": [{"pvc": "home-alice-smith---63425827", "mount": "/w"}]})
     assert claim(volumes_of(pod)[mounts_of(pod)["/w"][0]]) == "home-alice-smith---63425827"
+    # With KubeSpawner's default template, a named server mounts the home of the default server.
+    named = make_spawner(username="alice.smith", server_name="gpu")
+    assert named.pvc_name == "claim-alice-smith---63425827--gpu"
+    pod = await start(named, {"vols": [{"pvc": "claim-alice-smith---63425827", "mount": "/w"}]})
+    assert claim(volumes_of(pod)[mounts_of(pod)["/w"][0]]) == "claim-alice-smith---63425827"
 
 
 # -- finding 2: around the GPU maximum ---------------------------------------------------------------
