@@ -29,6 +29,7 @@ from tests.test_spawner_kube import (
     make_spawner,
     mounts_of,
     no_cluster,  # noqa: F401 (autouse fixture: no Kubernetes client)
+    no_key_from_the_environment,  # noqa: F401 (autouse fixture)
     start,
     volumes_of,
 )

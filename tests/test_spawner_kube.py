@@ -37,6 +37,12 @@ def no_cluster() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(autouse=True)
+def no_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spawner reads LAUNCHER_SIGNING_KEY; tests that want a key configure one."""
+    monkeypatch.delenv("LAUNCHER_SIGNING_KEY", raising=False)
+
+
 def make_spawner(
     config: Config | None = None,
     username: str = "alice",
