@@ -58,6 +58,9 @@ class Settings(BaseModel):
     delivery_limit: int = Field(5, gt=0)
     # Where lifecycle events say they come from (CloudEvents "source").
     event_source: str = "jupyterhub-launcher"
+    # Shared with the hub's spawner (its launcher_signing_key): signs the options of each launch, so
+    # that the spawner can refuse options that users post with their own tokens.
+    spawner_signing_key: SecretStr = SecretStr("")
 
     @field_validator("log_level", mode="before")
     @classmethod

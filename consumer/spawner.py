@@ -11,19 +11,28 @@ What a caller may ask for, in ``user_options`` as the consumer sends them::
      "json": {allow-listed extra options}}
 
 Everything else is refused, and everything is checked against the hub admin's policy traits
-(``launcher_*``). Every start begins from the configured defaults, so nothing from an earlier start
-leaks into the next. On JupyterHub >= 5.3 the options are applied in the ``apply_user_options``
-hook, so a refusal is the start request's own 400 with the message; older hubs apply them in
-``start()``, where a refusal fails the spawn with the message in the progress stream.
+(``launcher_*``), whose defaults are closed: the configured image and limits are the most a caller
+gets. Any user may post ``user_options`` for their own servers with their own token, so with a
+signing key configured (``launcher_signing_key``) only options signed by the launcher for this user
+and server, recently, are applied. Every start begins from the configured defaults, so nothing from
+an earlier start leaks into the next; a start without options gets the defaults. On JupyterHub >=
+5.3 the options are applied in the ``apply_user_options`` hook, so a refusal is the start request's
+own 400 with the message; older hubs apply them in ``start()``, where a refusal fails the spawn with
+the message in the progress stream.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import hmac
+import json
+import logging
 import math
+import os
 import posixpath
 import re
+import time
 from collections.abc import Callable, Mapping
 from inspect import isawaitable
 from typing import TYPE_CHECKING, Any
@@ -48,7 +57,7 @@ __all__ = [
 
 # Same meaning as JupyterHub's ByteSpecification: K/M/G/T are powers of 1024; Ki/Mi/Gi/Ti too.
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+_QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?")
 # Variables the hub sets for the single-user server: overriding them would point the server at
 # another hub or swap its identity. KubeSpawner applies `environment` after them, so only refusing
 # them here protects them.
@@ -57,11 +66,39 @@ _RESERVED_ENV_PREFIXES = ("JUPYTERHUB_", "JPY_")
 _RESERVED_ENV_NAMES = frozenset(
     {"MEM_LIMIT", "MEM_GUARANTEE", "CPU_LIMIT", "CPU_GUARANTEE", "JUPYTER_IMAGE", "JUPYTER_IMAGE_SPEC"}
 )
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-_IMAGE = re.compile(r"^[^\s{}]{1,512}$")
+# Every pattern here and in the policy is used with fullmatch: `$` would let a trailing newline in.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+_LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+_IMAGE = re.compile(r"[^\s{}]{1,512}")
+# Variables a caller may not set unless the admin allows them by name (launcher_allowed_env): they
+# give root in images that start as root (the Jupyter Docker Stacks' start.sh reads NB_*,
+# GRANT_SUDO, CHOWN_*; Zero to JupyterHub's `uid: 0`), load code into processes started as root
+# (LD_*, PYTHON*, PATH, BASH_ENV, ENV, ...), or reach past the GPU limit (the NVIDIA container
+# toolkit honours NVIDIA_VISIBLE_DEVICES in unprivileged containers: all GPUs of the node).
+DANGEROUS_ENV_PREFIXES = (
+    "NVIDIA_", "CUDA_", "LD_", "NB_", "CHOWN_", "PYTHON", "JUPYTER", "DOCKER_STACKS_", "SUDO_", "BASH_",
+    "KUBERNETES_", "ROCR_", "HIP_", "AMD_", "GPU_", "NCCL_", "CONDA", "MAMBA", "PERL", "RUBY", "NODE_",
+    "JAVA_", "GCONV_", "MALLOC_", "XDG_",
+)
+DANGEROUS_ENV_NAMES = (
+    "PATH", "GRANT_SUDO", "HOME", "USER", "SHELL", "ENV", "IFS", "PS4", "SHELLOPTS", "BASHOPTS", "GEN_CERT",
+    "RESTARTABLE", "NOTEBOOK_ARGS", "LOCPATH", "NLSPATH", "HOSTALIASES", "RES_OPTIONS", "LOCALDOMAIN", "TZDIR",
+)
+# Upper-case names, none of the above.
+DEFAULT_ALLOWED_ENV = (
+    rf"(?!(?:{'|'.join(DANGEROUS_ENV_PREFIXES)})|(?:{'|'.join(DANGEROUS_ENV_NAMES)})\Z)[A-Z][A-Z0-9_]*"
+)
+# Mount points under system directories would replace what runs as root at start
+# (/usr/local/bin/before-notebook.d), the Python environment (/opt/conda) or configuration (/etc).
+DEFAULT_ALLOWED_MOUNT_PATHS = (
+    r"/(?!(?:bin|boot|dev|etc|lib|lib32|lib64|libx32|opt|proc|root|run|sbin|srv|sys|usr|var)(?:/|\Z))[^/]+(?:/[^/]+)*"
+)
+# The key in user_options that carries the launcher's signature (consumer/signing.py, same form).
+SIGNATURE_KEY = "launcher_signature"
+_SIGNATURE = re.compile(r"v1\.([0-9]{1,12})\.([0-9a-f]{64})")
+log = logging.getLogger(__name__)
 _TOP_LEVEL = ("image", "cpu", "memory", "gpu", "vols", "env", "json")
 _VOLUME_KEYS = frozenset({"pvc", "mount", "subpath"})
 _SHM_VOLUME = "launcher-shm"
@@ -98,7 +135,7 @@ def memory_bytes(value: Any) -> int:
     if isinstance(value, int):
         size = value
     else:
-        match = _QUANTITY.match(value.strip())
+        match = _QUANTITY.fullmatch(value.strip())
         if match is None:
             raise ValueError(
                 f"{value!r} is not a memory quantity: use bytes or a number with K, M, G, T "
@@ -136,7 +173,8 @@ _TOLERATION_EFFECTS = frozenset({"NoSchedule", "PreferNoSchedule", "NoExecute"})
 def tolerations_option(keys: list[str] | None = None, max_items: int = 10) -> LauncherOption:
     """Tolerations added to the configured ones; ``keys``: regular expressions a taint key must match.
 
-    With ``keys`` set, a toleration must name its key: a key-less ``Exists`` tolerates every taint.
+    A toleration must name its key: a key-less ``Exists`` tolerates every taint. The spawner also
+    holds every toleration to ``launcher_allowed_toleration_keys``, whatever option set it.
     """
     patterns = [re.compile(k) for k in keys or []]
 
@@ -152,13 +190,15 @@ def tolerations_option(keys: list[str] | None = None, max_items: int = 10) -> La
             if unknown:
                 raise ValueError(f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(sorted(_TOLERATION_KEYS))}")
             key, operator = item.get("key"), item.get("operator", "Equal")
-            if key is not None and (not isinstance(key, str) or not _LABEL_KEY.match(key)):
+            if key is None:
+                raise ValueError(f"{where}.key: a toleration without a key tolerates every taint; name the taint's key")
+            if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
                 raise ValueError(f"{where}.key: {key!r} is not a taint key")
-            if patterns and (key is None or not any(p.fullmatch(key) for p in patterns)):
+            if patterns and not any(p.fullmatch(key) for p in patterns):
                 raise ValueError(f"{where}.key: {key!r} is not a taint this hub lets callers tolerate")
             if operator not in ("Equal", "Exists"):
                 raise ValueError(f"{where}.operator: must be 'Equal' or 'Exists'")
-            if "value" in item and (not isinstance(item["value"], str) or not _LABEL_VALUE.match(item["value"])):
+            if "value" in item and (not isinstance(item["value"], str) or not _LABEL_VALUE.fullmatch(item["value"])):
                 raise ValueError(f"{where}.value: {item['value']!r} is not a taint value")
             if operator == "Exists" and item.get("value"):
                 raise ValueError(f"{where}.value: must be empty with operator 'Exists'")
@@ -180,9 +220,9 @@ def _check_node_selector(value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or len(value) > 20:
         raise ValueError("must be an object of at most 20 node labels")
     for key, label in value.items():
-        if not _LABEL_KEY.match(str(key)):
+        if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
             raise ValueError(f"{key!r} is not a label key")
-        if not isinstance(label, str) or not _LABEL_VALUE.match(label):
+        if not isinstance(label, str) or not _LABEL_VALUE.fullmatch(label):
             raise ValueError(f"{key}: {label!r} is not a label value")
     return dict(value)
 
@@ -241,11 +281,17 @@ def _clean_path(value: Any, where: str, absolute: bool) -> str:
         raise LauncherOptionsError(f"{where}: {value!r} must be {'absolute' if absolute else 'relative'}")
     if ".." in value.split("/"):
         raise LauncherOptionsError(f"{where}: {value!r} must not contain '..'")
-    return posixpath.normpath(value) if absolute else value
+    return _normal_path(value)
+
+
+def _normal_path(path: str) -> str:
+    """``//etc//jupyter/./`` -> ``/etc/jupyter``. normpath alone keeps a leading ``//`` (POSIX
+    allows it to mean something else), while Kubernetes compares mount paths as strings."""
+    return posixpath.normpath(re.sub(r"/{2,}", "/", path))
 
 
 def _mount_path(mount: Mapping[str, Any]) -> str:
-    return posixpath.normpath(str(mount.get("mountPath", "")))
+    return _normal_path(str(mount.get("mountPath", "")))
 
 
 def _values(container: Any) -> list[Any]:
@@ -293,32 +339,111 @@ def launcher_apply_user_options(spawner: Any, user_options: dict[str, Any]) -> N
 class LauncherSpawnerMixin(Configurable):
     """Applies the launcher's ``user_options`` under the hub admin's policy, from defaults each start."""
 
+    launcher_signing_key = Unicode(
+        config=True,
+        help="""The key the launcher signs options with (its ``spawner_signing_key``); default: the
+        environment variable LAUNCHER_SIGNING_KEY. With a key, options without a valid signature made
+        for this user and server within ``launcher_signature_max_age`` are refused, so users cannot
+        post their own; without one, any user can set options for their own servers.""",
+    )
+    launcher_signature_max_age = Float(
+        600.0,
+        config=True,
+        help="""Seconds a signature stays good (also the clock difference allowed the other way). It
+        must cover the launcher's retries of a start request (429s ask to wait 30-60 s).""",
+    )
     launcher_allowed_images = List(
         Unicode(),
-        default_value=[".*"],
+        default_value=[],
         config=True,
-        help="Regular expressions (whole match) of the images callers may ask for. Default: any.",
+        help="""Regular expressions (whole match) of the images callers may ask for, besides the
+        configured ``image``. Default: none, only the configured image.""",
     )
     launcher_max_cpu = Float(
-        None, allow_none=True, config=True, help="Most cores a caller may ask for (request and limit)."
+        None,
+        allow_none=True,
+        config=True,
+        help="Most cores a caller may ask for (request and limit). Default: the configured cpu_limit.",
     )
     launcher_max_memory = Union(
         [Integer(), Unicode()],
         default_value=None,
         allow_none=True,
         config=True,
-        help="Most memory a caller may ask for: bytes or '8G' (powers of 1024) / '8Gi'.",
+        help="""Most memory a caller may ask for: bytes or '8G' (powers of 1024) / '8Gi'. Default: the
+        configured mem_limit.""",
     )
-    launcher_max_gpu = Integer(None, allow_none=True, config=True, help="Most GPUs a caller may ask for.")
+    launcher_max_gpu = Integer(
+        None,
+        allow_none=True,
+        config=True,
+        help="Most GPUs a caller may ask for. Default: the configured GPU limit (extra_resource_limits), else none.",
+    )
+    launcher_user_max_servers = Integer(
+        None, allow_none=True, config=True, help="Most servers one user may have running or starting at once."
+    )
+    launcher_user_max_cpu = Float(
+        None, allow_none=True, config=True, help="Most cores (limits) over all of one user's active servers."
+    )
+    launcher_user_max_memory = Union(
+        [Integer(), Unicode()],
+        default_value=None,
+        allow_none=True,
+        config=True,
+        help="Most memory (limits) over all of one user's active servers: bytes or '64G'.",
+    )
+    launcher_user_max_gpu = Integer(
+        None, allow_none=True, config=True, help="Most GPUs over all of one user's active servers."
+    )
     launcher_allowed_pvcs = List(
         Unicode(),
-        default_value=["claim-{username}", "claim-{username}-.+"],
+        default_value=["{claim}"],
         config=True,
         help="""Regular expressions (whole match) of the PVC names a caller may mount.
 
-        ``{username}`` stands for the user's name as the spawner writes it in its own claim names
-        (KubeSpawner: its ``{username}`` slug; local spawners: the user name), regex-escaped.
+        ``{claim}`` stands for the user's own claim, named as the spawner names it (KubeSpawner:
+        ``pvc_name_template`` for the user's default server, with its slugs), ``{username}`` for
+        the user's name as the spawner writes it in names (KubeSpawner: its slug); both
+        regex-escaped. Default: the user's own claim only. Patterns like ``claim-{username}-.+``
+        are unsafe: slugs of other users' names start with the same letters (``alice.smith`` ->
+        ``alice-smith---<hash>``); a suffix after a ``.`` cannot be part of a slug.
         """,
+    )
+    launcher_allowed_env = List(
+        Unicode(),
+        default_value=[DEFAULT_ALLOWED_ENV],
+        config=True,
+        help="""Regular expressions (whole match) of the environment variables callers may set.
+        Default: upper-case names except DANGEROUS_ENV_PREFIXES and DANGEROUS_ENV_NAMES. JUPYTERHUB_*,
+        JPY_*, the spawner's own and configured variables are refused whatever this says.""",
+    )
+    launcher_allowed_mount_paths = List(
+        Unicode(),
+        default_value=[DEFAULT_ALLOWED_MOUNT_PATHS],
+        config=True,
+        help="""Regular expressions (whole match) of the paths callers may mount volumes at (after
+        normalisation). Default: anywhere but system directories (/etc, /usr, /opt, /var, ...).""",
+    )
+    launcher_allowed_toleration_keys = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="""Regular expressions (whole match) of the taint keys callers may tolerate (when an option
+        such as the built-in ``tolerations`` is allowed). Default: none.""",
+    )
+    launcher_allowed_node_selector_keys = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="""Regular expressions (whole match) of the node label keys callers may select on (when an
+        option such as the built-in ``node_selector`` is allowed). Default: none.""",
+    )
+    launcher_gpu_node_keys = List(
+        Unicode(),
+        default_value=[r"nvidia\.com/gpu(\..+)?", r"amd\.com/gpu(\..+)?"],
+        config=True,
+        help="""Regular expressions (whole match) of taint and node label keys that only a start with
+        GPUs may tolerate or select (GPU nodes' taints and labels).""",
     )
     launcher_allowed_options = Dict(
         config=True,
@@ -347,7 +472,7 @@ class LauncherSpawnerMixin(Configurable):
         # A plain function, because JupyterHub calls the trait's value as hook(spawner, options).
         return launcher_apply_user_options
 
-    @validate("launcher_max_memory")
+    @validate("launcher_max_memory", "launcher_user_max_memory")
     def _launcher_parse_max_memory(self, proposal: Any) -> int | None:
         value = proposal["value"]
         if value is None:
@@ -355,14 +480,22 @@ class LauncherSpawnerMixin(Configurable):
         try:
             return memory_bytes(value)
         except ValueError as error:
-            raise TraitError(f"launcher_max_memory: {error}") from None
+            raise TraitError(f"{proposal['trait'].name}: {error}") from None
 
-    @validate("launcher_allowed_images", "launcher_allowed_pvcs")
+    @validate(
+        "launcher_allowed_images",
+        "launcher_allowed_pvcs",
+        "launcher_allowed_env",
+        "launcher_allowed_mount_paths",
+        "launcher_allowed_toleration_keys",
+        "launcher_allowed_node_selector_keys",
+        "launcher_gpu_node_keys",
+    )
     def _launcher_check_patterns(self, proposal: Any) -> list[str]:
         # A broken pattern found at spawn time would refuse every start with a bare error.
         for pattern in proposal["value"]:
             try:
-                re.compile(pattern.replace("{username}", "user"))
+                re.compile(pattern.replace("{username}", "user").replace("{claim}", "claim"))
             except re.error as error:
                 raise TraitError(f"{proposal['trait'].name}: {pattern!r} is not a regular expression: {error}") from None
         return list(proposal["value"])
@@ -386,6 +519,21 @@ class LauncherSpawnerMixin(Configurable):
         self._launcher_defaults = {name: copy.deepcopy(getattr(self, name)) for name in self._launcher_traits()}
         # "fresh": reset for the spawn under way; "applied": this spawn's options are in place.
         self._launcher_stage: str | None = None
+        if not self.launcher_signing_key and not LauncherSpawnerMixin._launcher_warned:
+            # Once per process: JupyterHub makes the spawners of running servers at its start.
+            LauncherSpawnerMixin._launcher_warned = True
+            getattr(self, "log", log).warning(
+                "%s: no launcher_signing_key (or LAUNCHER_SIGNING_KEY): any user can set options for their"
+                " own servers with their own token, within the launcher_* policy. Set the key the launcher"
+                " signs with (its spawner_signing_key) to let only the launcher set them.",
+                type(self).__name__,
+            )
+
+    _launcher_warned = False
+
+    @default("launcher_signing_key")
+    def _launcher_signing_key_from_env(self) -> str:
+        return os.environ.get("LAUNCHER_SIGNING_KEY", "")
 
     def _launcher_traits(self) -> list[str]:
         names = [*_MANAGED_TRAITS, *(o.trait for o in self.launcher_allowed_options.values())]
@@ -404,15 +552,22 @@ class LauncherSpawnerMixin(Configurable):
         return await result if isawaitable(result) else result
 
     def launcher_apply(self, options: dict[str, Any]) -> None:
-        """Check ``options`` against the policy and apply them; raises LauncherOptionsError.
+        """Check ``options`` (signature, then policy) and apply them; raises LauncherOptionsError.
 
         When any option is refused, none is applied.
         """
         if self._launcher_stage != "fresh":
             self._launcher_reset()
-        plan = self.launcher_plan(options)
+        if options and not self._launcher_options_sent():
+            # JupyterHub hands a start request that carries no options the previous start's: a
+            # start without options gets the defaults, and the server's model says so.
+            options = {}
+        unsigned = self._launcher_verified(options)
+        plan = self.launcher_plan(unsigned)
+        self._launcher_check_user_totals(plan)
         for name, value in plan.items():
             setattr(self, name, value)
+        self._launcher_store(unsigned)
         self._launcher_stage = "applied"
 
     def launcher_ensure_applied(self) -> None:
@@ -433,14 +588,81 @@ class LauncherSpawnerMixin(Configurable):
             env["JUPYTERHUB_ALLOW_TOKEN_IN_URL"] = "1"
         return env
 
+    # -- who sent the options ---------------------------------------------------------------------
+
+    def _launcher_options_sent(self) -> bool:
+        """Did this start's request carry options? False: JupyterHub reused the stored ones."""
+        handler = getattr(self, "handler", None)
+        if handler is None:
+            return True  # no request to look at: the options must stand on their own
+        read_body = getattr(handler, "get_server_json_body", None)
+        if read_body is not None:  # the REST API's start request (JupyterHub 6)
+            try:
+                return bool(read_body().get("user_options"))
+            except Exception:  # noqa: BLE001 (the hub has parsed this body already)
+                return True
+        read_json = getattr(handler, "get_json_body", None)
+        if read_json is not None:  # the REST API before JupyterHub 6: the body is the options
+            try:
+                return bool(read_json())
+            except Exception:  # noqa: BLE001
+                return True
+        request = getattr(handler, "request", None)
+        if getattr(request, "method", None) == "GET":
+            # A page's start link: JupyterHub takes options from query arguments other than these.
+            return any(name not in ("next", "display_name") for name in getattr(request, "query_arguments", {}))
+        return True  # a form post
+
+    def _launcher_verified(self, options: Any) -> dict[str, Any]:
+        """``options`` without their signature, once it is checked (with a key configured)."""
+        if not isinstance(options, dict):
+            raise LauncherOptionsError("user options must be a JSON object")
+        signed = options.get(SIGNATURE_KEY)
+        unsigned = {k: v for k, v in options.items() if k != SIGNATURE_KEY}
+        key = self.launcher_signing_key
+        if not key or (signed is None and not unsigned):
+            return unsigned  # no key: anyone's options; no options: the defaults, which anyone gets
+        if signed is None:
+            raise LauncherOptionsError(
+                "this hub applies only options signed by its launcher; start without options for the defaults"
+            )
+        match = _SIGNATURE.fullmatch(signed) if isinstance(signed, str) else None
+        if match is None:
+            raise LauncherOptionsError(f"{SIGNATURE_KEY}: is not a launcher signature")
+        signed_at = int(match[1])
+        username, server_name = str(self.user.name), str(self.name or "")  # type: ignore[attr-defined]
+        expected = _signature_mac(key, username, server_name, signed_at, unsigned)
+        if not hmac.compare_digest(expected, match[2]):
+            raise LauncherOptionsError(
+                f"{SIGNATURE_KEY}: does not match these options for {username}'s server {server_name!r}"
+                " (signed for other options, another user or server, or with another key)"
+            )
+        age = time.time() - signed_at
+        if abs(age) > self.launcher_signature_max_age:
+            raise LauncherOptionsError(
+                f"{SIGNATURE_KEY}: made {age:.0f} s ago; this hub accepts signatures up to"
+                f" {self.launcher_signature_max_age:g} s old (are the launcher's and the hub's clocks right?)"
+            )
+        return unsigned
+
+    def _launcher_store(self, options: dict[str, Any]) -> None:
+        """Keep what was applied as the server's options: the model shows them, unsigned."""
+        self.user_options = options  # type: ignore[attr-defined]
+        orm_spawner = getattr(self, "orm_spawner", None)
+        if orm_spawner is not None and getattr(orm_spawner, "user_options", None) != options:
+            orm_spawner.user_options = options
+
     # -- checking -------------------------------------------------------------------------------
 
-    def _launcher_extra_top_level(self, key: str) -> bool:
+    def _launcher_extra_keys(self, options: Mapping[str, Any]) -> set[str]:
         """Other top-level keys this spawner understands itself (KubeSpawner: its profiles)."""
-        return False
+        return set()
 
     def _launcher_pvc_username(self) -> str:
         return str(self.user.name)  # type: ignore[attr-defined]
+
+    def _launcher_own_claim(self) -> str:
+        return f"claim-{self.user.name}"  # type: ignore[attr-defined]
 
     def _launcher_env_value(self, value: str) -> str:
         return value
@@ -449,8 +671,9 @@ class LauncherSpawnerMixin(Configurable):
         """The trait values ``options`` lead to, from the current (reset) ones; nothing is set."""
         if not isinstance(options, dict):
             raise LauncherOptionsError("user options must be a JSON object")
+        extra = self._launcher_extra_keys(options)
         for key in options:
-            if key not in _TOP_LEVEL and not self._launcher_extra_top_level(key):
+            if key not in _TOP_LEVEL and key not in extra:
                 raise LauncherOptionsError(
                     f"unknown option {key!r}: this hub accepts {', '.join(_TOP_LEVEL)}"
                     " (extra spawner settings only under 'json', if the hub allows them)"
@@ -460,30 +683,55 @@ class LauncherSpawnerMixin(Configurable):
         self._plan_cpu(options, plan)
         self._plan_memory(options, plan)
         gpus = self._plan_gpu(options, plan)
-        self._plan_volumes(options, plan, gpus)
+        self._plan_volumes(options, plan)
         self._plan_env(options, plan)
-        self._plan_extras(options, plan)
+        self._plan_extras(options, plan, gpus)
         return {name: value for name, value in plan.items() if self.has_trait(name)}
+
+    # Without launcher_max_*, the configured limits are the maxima: callers may only ask for less.
+
+    def _launcher_max_cpu(self) -> float | None:
+        return self.launcher_max_cpu if self.launcher_max_cpu is not None else getattr(self, "cpu_limit", None)
+
+    def _launcher_max_memory(self) -> int | None:
+        return self.launcher_max_memory if self.launcher_max_memory is not None else getattr(self, "mem_limit", None)
+
+    def _launcher_configured_gpus(self) -> int:
+        configured = getattr(self, "extra_resource_limits", {}).get(self.launcher_gpu_resource) or 0
+        try:
+            return int(configured)
+        except ValueError:
+            return 0
+
+    def _launcher_max_gpu(self) -> int:
+        return self.launcher_max_gpu if self.launcher_max_gpu is not None else self._launcher_configured_gpus()
 
     def _plan_image(self, options: Mapping[str, Any], plan: dict[str, Any]) -> None:
         image = options.get("image")
         if image is None:
             return
-        if not isinstance(image, str) or not _IMAGE.match(image):
+        if not isinstance(image, str) or not _IMAGE.fullmatch(image):
             raise LauncherOptionsError(f"image: {image!r} is not an image name")
-        if not any(re.fullmatch(pattern, image) for pattern in self.launcher_allowed_images):
-            raise LauncherOptionsError(f"image: {image!r} is not one of the images this hub allows")
+        configured = getattr(self, "image", None) if self.has_trait("image") else None
+        if image != configured and not any(re.fullmatch(pattern, image) for pattern in self.launcher_allowed_images):
+            only = "" if self.launcher_allowed_images else " (it runs only its configured image)"
+            raise LauncherOptionsError(f"image: {image!r} is not one of the images this hub allows{only}")
         plan["launcher_image"] = image
         plan["image"] = image
 
     def _plan_cpu(self, options: Mapping[str, Any], plan: dict[str, Any]) -> None:
         spec = _request_limit(options, "cpu")
+        maximum = self._launcher_max_cpu()
         for field in ("request", "limit"):
             if field in spec:
                 cores = float(_number(spec[field], f"cpu.{field}", whole=False))
-                if self.launcher_max_cpu is not None and cores > self.launcher_max_cpu:
+                if maximum is None:
                     raise LauncherOptionsError(
-                        f"cpu.{field}: {cores:g} is more than this hub's maximum of {self.launcher_max_cpu:g} cores"
+                        f"cpu.{field}: this hub sets no CPU maximum (launcher_max_cpu or cpu_limit), so callers cannot choose CPUs"
+                    )
+                if cores > maximum:
+                    raise LauncherOptionsError(
+                        f"cpu.{field}: {cores:g} is more than this hub's maximum of {maximum:g} cores"
                     )
                 plan["cpu_guarantee" if field == "request" else "cpu_limit"] = cores
         request = plan.get("cpu_guarantee", getattr(self, "cpu_guarantee", None))
@@ -493,14 +741,19 @@ class LauncherSpawnerMixin(Configurable):
 
     def _plan_memory(self, options: Mapping[str, Any], plan: dict[str, Any]) -> None:
         spec = _request_limit(options, "memory")
-        maximum = self.launcher_max_memory
+        maximum = self._launcher_max_memory()
         for field in ("request", "limit"):
             if field in spec:
                 try:
                     size = memory_bytes(spec[field])
                 except ValueError as error:
                     raise LauncherOptionsError(f"memory.{field}: {error}") from None
-                if maximum is not None and size > maximum:
+                if maximum is None:
+                    raise LauncherOptionsError(
+                        f"memory.{field}: this hub sets no memory maximum (launcher_max_memory or mem_limit),"
+                        " so callers cannot choose memory"
+                    )
+                if size > maximum:
                     raise LauncherOptionsError(
                         f"memory.{field}: {spec[field]!r} is more than this hub's maximum of {_human_bytes(maximum)}"
                     )
@@ -513,7 +766,7 @@ class LauncherSpawnerMixin(Configurable):
     def _plan_gpu(self, options: Mapping[str, Any], plan: dict[str, Any]) -> int:
         spec = _request_limit(options, "gpu")
         if not spec:
-            return 0
+            return self._launcher_configured_gpus()
         counts = {field: int(_number(value, f"gpu.{field}", whole=True)) for field, value in spec.items()}
         if len(set(counts.values())) > 1:
             raise LauncherOptionsError(
@@ -521,27 +774,76 @@ class LauncherSpawnerMixin(Configurable):
                 " Kubernetes requires it for GPUs"
             )
         gpus = next(iter(counts.values()))
-        if self.launcher_max_gpu is not None and gpus > self.launcher_max_gpu:
-            raise LauncherOptionsError(f"gpu: {gpus} is more than this hub's maximum of {self.launcher_max_gpu}")
+        maximum = self._launcher_max_gpu()
+        if not maximum:
+            raise LauncherOptionsError("gpu: this hub gives callers no GPUs (launcher_max_gpu)")
+        if gpus > maximum:
+            raise LauncherOptionsError(f"gpu: {gpus} is more than this hub's maximum of {maximum}")
         resource = self.launcher_gpu_resource
         plan["launcher_gpu"] = gpus
         plan["extra_resource_limits"] = {**getattr(self, "extra_resource_limits", {}), resource: str(gpus)}
         plan["extra_resource_guarantees"] = {**getattr(self, "extra_resource_guarantees", {}), resource: str(gpus)}
         return gpus
 
-    def _plan_volumes(self, options: Mapping[str, Any], plan: dict[str, Any], gpus: int) -> None:
+    def _launcher_check_user_totals(self, plan: Mapping[str, Any]) -> None:
+        """Sums over the user's active servers (running or starting), this one included."""
+        caps = (
+            self.launcher_user_max_servers,
+            self.launcher_user_max_cpu,
+            self.launcher_user_max_memory,
+            self.launcher_user_max_gpu,
+        )
+        if all(cap is None for cap in caps):
+            return
+        user = self.user  # type: ignore[attr-defined]
+        others = [s for s in list(getattr(user, "spawners", {}).values()) if s is not self and getattr(s, "active", False)]
+        names = ", ".join(repr(s.name) for s in others) or "none"
+        if self.launcher_user_max_servers is not None and len(others) + 1 > self.launcher_user_max_servers:
+            raise LauncherOptionsError(
+                f"servers: {user.name} already has {len(others)} active servers ({names}); this hub allows"
+                f" {self.launcher_user_max_servers} per user: stop one first"
+            )
+        for what, cap, unit, own_max in (
+            ("cpu", self.launcher_user_max_cpu, "cores", self._launcher_max_cpu()),
+            ("memory", self.launcher_user_max_memory, "", self._launcher_max_memory()),
+            ("gpu", self.launcher_user_max_gpu, "GPUs", None),
+        ):
+            if cap is None:
+                continue
+            # A server without a limit counts as the per-server maximum; without one it cannot be counted.
+            counted = [_usage(self, what, plan), *(_usage(s, what, {}) for s in others)]
+            counted = [own_max if used is None else used for used in counted]
+            if None in counted:
+                which = "this one" if counted[0] is None else "another of them"
+                raise LauncherOptionsError(
+                    f"{what}: this hub limits the {what} of each user's servers in all, so every server needs a"
+                    f" {what} limit, and {which} has none"
+                )
+            mine, total = counted[0], sum(counted)
+            if total > cap:
+
+                def show(amount: float) -> str:
+                    return _human_bytes(int(amount)) if what == "memory" else f"{amount:g} {unit}"
+
+                raise LauncherOptionsError(
+                    f"{what}: {show(total - mine)} on {user.name}'s other active servers ({names}) and {show(mine)}"
+                    f" on this one are more than this hub's per-user total of {show(cap)}"
+                )
+
+    def _plan_volumes(self, options: Mapping[str, Any], plan: dict[str, Any]) -> None:
         vols = options.get("vols")
         if vols is not None and (not isinstance(vols, list) or len(vols) > _MAX_VOLS):
             raise LauncherOptionsError(f"vols: must be a list of at most {_MAX_VOLS} volumes")
         volumes = getattr(self, "volumes", [])
         mounts = getattr(self, "volume_mounts", [])
         taken = {_mount_path(m) for m in _values(mounts) if isinstance(m, dict)}
-        if gpus and _SHM_PATH not in taken:
+        if plan.get("launcher_gpu") and _SHM_PATH not in taken:
             # GPU frameworks (NCCL, PyTorch data loaders) need more than the runtime's 64 MB /dev/shm.
             volumes = _add(volumes, _SHM_VOLUME, {"name": _SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
             mounts = _add(mounts, _SHM_VOLUME, {"name": _SHM_VOLUME, "mountPath": _SHM_PATH})
             taken.add(_SHM_PATH)
-        allowed = [p.replace("{username}", re.escape(self._launcher_pvc_username())) for p in self.launcher_allowed_pvcs]
+        names = {"{claim}": re.escape(self._launcher_own_claim()), "{username}": re.escape(self._launcher_pvc_username())}
+        allowed = [re.sub(r"\{claim\}|\{username\}", lambda m: names[m[0]], p) for p in self.launcher_allowed_pvcs]
         checked = []
         named: set[str] = set()
         for index, vol in enumerate(vols or []):
@@ -555,7 +857,7 @@ class LauncherSpawnerMixin(Configurable):
                     " 'subpath') can be mounted"
                 )
             pvc = vol.get("pvc")
-            if not isinstance(pvc, str) or not _DNS_SUBDOMAIN.match(pvc):
+            if not isinstance(pvc, str) or not _DNS_SUBDOMAIN.fullmatch(pvc):
                 raise LauncherOptionsError(f"{where}.pvc: {pvc!r} is not a PVC name")
             if not any(re.fullmatch(pattern, pvc) for pattern in allowed):
                 raise LauncherOptionsError(f"{where}.pvc: {pvc!r} is not a claim this user may mount")
@@ -564,6 +866,10 @@ class LauncherSpawnerMixin(Configurable):
                 raise LauncherOptionsError(f"{where}.mount: cannot mount over '/'")
             if mount in taken:
                 raise LauncherOptionsError(f"{where}.mount: {mount} is already mounted")
+            if not any(re.fullmatch(pattern, mount) for pattern in self.launcher_allowed_mount_paths):
+                raise LauncherOptionsError(
+                    f"{where}.mount: {mount} is not a path this hub lets callers mount at (not in system directories)"
+                )
             taken.add(mount)
             subpath = vol.get("subpath") or ""
             if subpath:
@@ -586,7 +892,7 @@ class LauncherSpawnerMixin(Configurable):
             if not isinstance(env, dict) or len(env) > _MAX_ENV:
                 raise LauncherOptionsError(f"env: must be an object of at most {_MAX_ENV} variables")
             for name, value in env.items():
-                if not _ENV_NAME.match(name):
+                if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
                     raise LauncherOptionsError(f"env: {name!r} is not a valid environment variable name")
                 if name.startswith(_RESERVED_ENV_PREFIXES):
                     raise LauncherOptionsError(f"env.{name}: is set by JupyterHub and cannot be overridden")
@@ -594,6 +900,8 @@ class LauncherSpawnerMixin(Configurable):
                     raise LauncherOptionsError(f"env.{name}: is set by the spawner and cannot be overridden")
                 if name in environment:
                     raise LauncherOptionsError(f"env.{name}: is set by the hub's configuration and cannot be overridden")
+                if not any(re.fullmatch(pattern, name) for pattern in self.launcher_allowed_env):
+                    raise LauncherOptionsError(f"env.{name}: is not a variable this hub lets callers set")
                 if not isinstance(value, str) or "\0" in value:
                     raise LauncherOptionsError(f"env.{name}: the value must be a string")
                 environment[name] = self._launcher_env_value(value)
@@ -603,7 +911,7 @@ class LauncherSpawnerMixin(Configurable):
             environment["JUPYTER_IMAGE"] = image
         plan["environment"] = environment
 
-    def _plan_extras(self, options: Mapping[str, Any], plan: dict[str, Any]) -> None:
+    def _plan_extras(self, options: Mapping[str, Any], plan: dict[str, Any], gpus: int) -> None:
         extras = options.get("json")
         if extras is None:
             return
@@ -623,6 +931,7 @@ class LauncherSpawnerMixin(Configurable):
                 checked = option.check(value)
             except (ValueError, TypeError) as error:
                 raise LauncherOptionsError(f"json.{key}: {error}") from None
+            self._launcher_check_scheduling(key, option.trait, checked, gpus)
             current = plan.get(option.trait, getattr(self, option.trait))
             if option.merge == "extend":
                 for item in checked:
@@ -631,6 +940,52 @@ class LauncherSpawnerMixin(Configurable):
             elif option.merge == "update":
                 checked = {**checked, **(current or {})}
             plan[option.trait] = checked
+
+    def _launcher_check_scheduling(self, key: str, trait: str, value: Any, gpus: int) -> None:
+        """Tolerations and node selectors, whichever option sets them: only allowed keys, and GPU
+        nodes' keys only for starts with GPUs."""
+        if trait == "tolerations":
+            items = _values(value)
+            keys = [(f"json.{key}[{i}].key", item.get("key") if isinstance(item, dict) else None) for i, item in enumerate(items)]
+            allowed, what, verb, setting = self.launcher_allowed_toleration_keys, "taint", "tolerate", "launcher_allowed_toleration_keys"
+        elif trait == "node_selector":
+            keys = [(f"json.{key}.{name}", name) for name in (value or {})]
+            allowed, what, verb, setting = (
+                self.launcher_allowed_node_selector_keys, "node label", "select", "launcher_allowed_node_selector_keys"
+            )
+        else:
+            return
+        for where, name in keys:
+            if not isinstance(name, str) or not name:
+                raise LauncherOptionsError(f"{where}: a toleration without a key tolerates every taint; name the taint's key")
+            if not any(re.fullmatch(pattern, name) for pattern in allowed):
+                raise LauncherOptionsError(f"{where}: {name!r} is not a {what} this hub lets callers {verb} ({setting})")
+            if not gpus and any(re.fullmatch(pattern, name) for pattern in self.launcher_gpu_node_keys):
+                raise LauncherOptionsError(f"{where}: {name!r} is for GPU nodes; only a start that asks for GPUs may {verb} it")
+
+
+def _usage(spawner: Any, what: str, plan: Mapping[str, Any]) -> float | None:
+    """What a server has (or, with ``plan``, will have) of ``what``: its limit, else its guarantee."""
+
+    def value(name: str) -> Any:
+        return plan[name] if name in plan else getattr(spawner, name, None)
+
+    if what == "gpu":
+        gpus = value("launcher_gpu")
+        if not gpus:
+            resource = getattr(spawner, "launcher_gpu_resource", "nvidia.com/gpu")
+            gpus = (value("extra_resource_limits") or {}).get(resource) or 0
+        return float(gpus)
+    prefix = "cpu" if what == "cpu" else "mem"
+    found = value(f"{prefix}_limit") or value(f"{prefix}_guarantee")
+    return None if found is None else float(found)
+
+
+def _signature_mac(key: str, username: str, server_name: str, signed_at: int, options: dict[str, Any]) -> str:
+    """HMAC-SHA256 over the canonical form that consumer/signing.py signs."""
+    document = {"options": options, "server": server_name, "time": signed_at, "user": username}
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest()
 
 
 class LocalLauncherSpawner(LauncherSpawnerMixin, SimpleLocalProcessSpawner):
@@ -641,18 +996,83 @@ class LocalLauncherSpawner(LauncherSpawnerMixin, SimpleLocalProcessSpawner):
     """
 
 
+class _DefaultServer:
+    """A spawner seen as its user's default server (KubeSpawner names things after ``name``)."""
+
+    name = ""
+
+    def __init__(self, spawner: Any) -> None:
+        self._spawner = spawner
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._spawner, attr)
+
+
 def _kube_launcher_spawner() -> type:
     from kubespawner import KubeSpawner
 
     class KubeLauncherSpawner(LauncherSpawnerMixin, KubeSpawner):
         """KubeSpawner (jupyterhub-kubespawner 7.x) with the launcher's options."""
 
-        def _launcher_extra_top_level(self, key: str) -> bool:
-            # KubeSpawner's own profile form; it checks these against its profile_list itself.
-            return key == "profile" or key.startswith("profile-option-")
+        def _launcher_extra_keys(self, options: Mapping[str, Any]) -> set[str]:
+            # KubeSpawner 7.1 reads "profile", and for each option of the chosen (or default) profile
+            # "<option>" (a choice) and "<option>--unlisted-choice" (the user's own value).
+            slug = options.get("profile")
+            profiles = self.profile_list
+            if callable(profiles):
+                if slug is not None:
+                    raise LauncherOptionsError("profile: this hub's profiles come from a function; choose them in the hub's form")
+                return set()
+            profile_list = self._get_initialized_profile_list(self._sorted_dict_values(profiles))
+            if not profile_list:
+                if slug is not None:
+                    raise LauncherOptionsError("profile: this hub has no profiles")
+                return set()
+            if slug is not None and not isinstance(slug, str):
+                raise LauncherOptionsError(f"profile: {slug!r} is not a profile's slug")
+            try:
+                profile = self._get_profile(slug or None, profile_list)
+            except ValueError:
+                slugs = ", ".join(p["slug"] for p in profile_list)
+                raise LauncherOptionsError(f"profile: {slug!r} is not one of this hub's profiles ({slugs})") from None
+            keys = {"profile"}
+            for name, option in profile.get("profile_options", {}).items():
+                unlisted_key = f"{name}--unlisted-choice"
+                if name in _TOP_LEVEL and (name in options or unlisted_key in options):
+                    raise LauncherOptionsError(
+                        f"{name}: profile {profile['slug']!r} has an option named {name!r}, and KubeSpawner reads"
+                        f" the {name!r} of the options as that option's choice: leave {name!r} out and choose"
+                        f" with 'profile', or ask the hub's admin to rename the profile option"
+                    )
+                keys.update({name, unlisted_key})
+                choices = option.get("choices") or {}
+                if name in options and (not isinstance(options[name], str) or options[name] not in choices):
+                    raise LauncherOptionsError(
+                        f"{name}: {options[name]!r} is not a choice of profile {profile['slug']!r}"
+                        f" ({', '.join(choices) or 'none'})"
+                    )
+                if unlisted_key in options:
+                    self._launcher_check_unlisted_choice(unlisted_key, options[unlisted_key], option)
+            return keys
+
+        def _launcher_check_unlisted_choice(self, key: str, value: Any, option: Mapping[str, Any]) -> None:
+            unlisted = option.get("unlisted_choice") or {}
+            if not unlisted.get("enabled"):
+                raise LauncherOptionsError(f"{key}: this profile option takes only its listed choices")
+            if not isinstance(value, str) or not value or any(c in value for c in "{}\0\n\r"):
+                raise LauncherOptionsError(f"{key}: must be a non-empty string without braces or control characters")
+            pattern = unlisted.get("validation_regex")
+            # KubeSpawner itself checks with re.match, a prefix; the whole value must match here.
+            if pattern and not re.fullmatch(pattern, value):
+                raise LauncherOptionsError(f"{key}: {value!r} does not match {pattern!r}")
 
         def _launcher_pvc_username(self) -> str:
             return str(self._expand_user_properties("{username}"))
+
+        def _launcher_own_claim(self) -> str:
+            # The claim KubeSpawner makes for the user's default server: pvc_name_template with the
+            # configured slug scheme, as for a server named "".
+            return str(KubeSpawner._expand_user_properties(_DefaultServer(self), self.pvc_name_template))
 
         def _launcher_env_value(self, value: str) -> str:
             # KubeSpawner formats `environment` values as templates: double braces keep them literal.

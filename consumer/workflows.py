@@ -19,6 +19,7 @@ from schemas import LaunchCommand, ReadCommand, RemoveCommand
 
 from .config import Settings
 from .hub import HubClient, HubError, HubUnavailable
+from .signing import signed_options
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class _Launch:
         ready, 202 pending, 400 already running) says as much, for one request less.
         """
         username, server_name = self.command.username, self.command.server_name
-        options = self.command.user_options()
+        options = signed_options(self.settings.spawner_signing_key.get_secret_value(), username, server_name, self.command.user_options())
         await self.hub.ensure_user(username)
         start = asyncio.create_task(self._start(options))
         # The hub serves one request at a time: the token request, sent right behind the start,

@@ -35,6 +35,7 @@ def make_settings(hub: LocalHub, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "jupyterhub_url": hub.url,
         "jupyterhub_api_token": hub.token,
+        "spawner_signing_key": getattr(hub, "signing_key", ""),  # stand-in hubs (test_broker) have none
         "amqp_url": AMQP_URL,
         "command_queue": f"{name}.commands",
         "reply_exchange": f"{name}.replies",

@@ -11,6 +11,7 @@ import pytest
 
 from consumer import workflows
 from consumer.hub import HubClient
+from consumer.signing import signed_options
 from tests.conftest import Client
 from tests.support.localhub import LocalHub
 
@@ -269,7 +270,8 @@ async def test_a_launch_that_meets_someone_elses_pending_spawn_with_other_option
         async with aiohttp.ClientSession() as session, running_service(settings), Client(settings) as own:
             hub = HubClient(session, eager_hub.api_url, eager_hub.token)
             await hub.ensure_user(username)
-            assert await hub.start_server(username, "", {"image": "standin:slow-3"}) == 202
+            options = signed_options(eager_hub.signing_key, username, "", {"image": "standin:slow-3"})
+            assert await hub.start_server(username, "", options) == 202
             reply = await own.call({"action": "launch", "username": username, "image": "standin"})
             async with asyncio.timeout(30):
                 async for event in hub.progress(username):

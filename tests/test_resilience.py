@@ -40,6 +40,7 @@ async def test_sigterm_lets_a_running_launch_finish_then_exits_0_and_logs_no_sec
         "LAUNCHER_LOG_LEVEL": "DEBUG",
         "LAUNCHER_JUPYTERHUB_URL": hub.url,
         "LAUNCHER_JUPYTERHUB_API_TOKEN": hub.token,
+        "LAUNCHER_SPAWNER_SIGNING_KEY": hub.signing_key,
         "LAUNCHER_AMQP_URL": AMQP_URL,
         "LAUNCHER_COMMAND_QUEUE": settings.command_queue,
         "LAUNCHER_REPLY_EXCHANGE": settings.reply_exchange,
@@ -72,7 +73,7 @@ async def test_sigterm_lets_a_running_launch_finish_then_exits_0_and_logs_no_sec
     log = (await process.stderr.read()).decode()
     assert "shutting down" in log and "launch " + username in log
     assert "uvloop event loop" in log  # the CLI runs on uvloop where it is installed, as here
-    assert hub.token not in log
+    assert hub.token not in log and hub.signing_key not in log
     assert reply["result"]["token"] not in log
 
 

@@ -37,23 +37,52 @@ def no_cluster() -> Iterator[None]:
         yield
 
 
-def make_spawner(config: Config | None = None, username: str = "alice", spawner_class: type | None = None) -> Any:
-    user = SimpleNamespace(name=username, id=7, url=f"/user/{username}/", escaped_name=username, groups=[])
+@pytest.fixture(autouse=True)
+def no_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spawner reads LAUNCHER_SIGNING_KEY; tests that want a key configure one."""
+    monkeypatch.delenv("LAUNCHER_SIGNING_KEY", raising=False)
+
+
+def make_spawner(
+    config: Config | None = None,
+    username: str = "alice",
+    spawner_class: type | None = None,
+    server_name: str = "",
+    user: Any = None,
+) -> Any:
+    """A spawner for ``username``'s server ``server_name``; give ``user`` to share one user's servers."""
+    if user is None:
+        user = SimpleNamespace(name=username, id=7, url=f"/user/{username}/", escaped_name=username, groups=[], spawners={})
     hub = SimpleNamespace(
         url="http://hub:8081/hub/", api_url="http://hub:8081/hub/api", base_url="/hub/", public_host="", server=None
     )
-    orm_spawner = SimpleNamespace(name="", server=None, user_options=None, state=None)
+    orm_spawner = SimpleNamespace(name=server_name, server=None, user_options=None, state=None)
     spawner = (spawner_class or KubeLauncherSpawner)(
         user=user, hub=hub, orm_spawner=orm_spawner, config=config or Config(), _mock=True
     )
     spawner.server = None
     spawner.api_token = "hub-made-token"
+    user.spawners[server_name] = spawner
     return spawner
 
 
-async def start(spawner: Any, options: dict[str, Any]) -> V1Pod:
-    """JupyterHub's steps before Spawner.start, then the pod KubeSpawner would create."""
-    spawner.user_options = options
+class StartRequest:
+    """What the spawner sees of JupyterHub's REST API start request (``spawner.handler``)."""
+
+    def __init__(self, sent: dict[str, Any] | None) -> None:
+        self.sent = sent
+
+    def get_server_json_body(self) -> dict[str, Any]:
+        return {"display_name": None, "user_options": self.sent}
+
+
+async def start(spawner: Any, options: dict[str, Any], sent: bool = True) -> V1Pod:
+    """JupyterHub's steps before Spawner.start, then the pod KubeSpawner would create.
+
+    ``sent=False``: the start request carried no options and JupyterHub passes the stored ones.
+    """
+    spawner.handler = StartRequest(options if sent else None)
+    spawner.user_options = spawner.orm_spawner.user_options = options
     await spawner.run_auth_state_hook(None)
     await spawner.apply_group_overrides()
     await spawner._run_apply_user_options(options)
@@ -71,6 +100,9 @@ def policy() -> Config:
         "tolerations": tolerations_option(keys=[r"nvidia\.com/gpu"]),
         "node_selector": "node_selector",
     }
+    config.LauncherSpawnerMixin.launcher_allowed_pvcs = ["{claim}", r"{claim}\.[a-z0-9-]+"]
+    config.LauncherSpawnerMixin.launcher_allowed_toleration_keys = [r"nvidia\.com/gpu"]
+    config.LauncherSpawnerMixin.launcher_allowed_node_selector_keys = ["gpu-type"]
     return config
 
 
@@ -102,7 +134,7 @@ FULL = {
     "gpu": {"request": 1, "limit": 1},
     "vols": [
         {"pvc": "claim-alice", "mount": "/home/jovyan/work", "subpath": "projects"},
-        {"pvc": "claim-alice-data", "mount": "/data"},
+        {"pvc": "claim-alice.data", "mount": "/data"},
     ],
     "env": {"COURSE": "ml-101", "BRACES": "{username}"},
     "json": {"tolerations": [GPU_TAINT], "node_selector": {"gpu-type": "a100"}},
@@ -126,7 +158,7 @@ async def test_pod_manifest_carries_image_resources_gpu_volumes_env_and_tolerati
     assert claim(volumes[work_volume]) == "claim-alice"
     data_volume, data_subpath = mounts["/data"]
     assert data_subpath is None
-    assert claim(volumes[data_volume]) == "claim-alice-data"
+    assert claim(volumes[data_volume]) == "claim-alice.data"
     shm_volume, _ = mounts["/dev/shm"]
     assert volumes[shm_volume]["emptyDir"] == {"medium": "Memory"}
 
@@ -209,6 +241,7 @@ async def test_configured_shm_mount_is_kept_and_not_doubled() -> None:
     config = Config()
     config.KubeSpawner.volumes = {"shm": {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}}
     config.KubeSpawner.volume_mounts = {"shm": {"name": "shm", "mountPath": "/dev/shm"}}
+    config.LauncherSpawnerMixin.launcher_max_gpu = 1
     pod = await start(make_spawner(config), {"gpu": {"request": 1}})
     assert mounts_of(pod) == {"/dev/shm": ("shm", None)}
 
@@ -216,6 +249,7 @@ async def test_configured_shm_mount_is_kept_and_not_doubled() -> None:
 async def test_gpu_resource_name_is_configurable() -> None:
     config = Config()
     config.LauncherSpawnerMixin.launcher_gpu_resource = "amd.com/gpu"
+    config.LauncherSpawnerMixin.launcher_max_gpu = 1
     pod = await start(make_spawner(config), {"gpu": {"request": 1, "limit": 1}})
     assert container(pod).resources.limits == {"amd.com/gpu": "1"}
 
@@ -271,7 +305,7 @@ HOSTILE = [
     pytest.param({"gpu": {"request": 1, "limit": 2}}, "must be equal", id="gpu-unequal"),
     pytest.param({"gpu": {"limit": 4}}, "gpu: 4 is more than this hub's maximum of 2", id="gpu-max"),
     pytest.param(
-        {"json": {"tolerations": [{"operator": "Exists"}]}}, "is not a taint this hub lets callers tolerate", id="tolerate-all"
+        {"json": {"tolerations": [{"operator": "Exists"}]}}, "a toleration without a key tolerates every taint", id="tolerate-all"
     ),
 ]
 
@@ -389,7 +423,9 @@ def test_z2jh_example_loads_the_single_file_spawner_with_its_policy(tmp_path: Pa
         assert spawner.launcher_max_memory == 32 * 2**30
         assert spawner.launcher_max_cpu == 8 and spawner.launcher_max_gpu == 2
         assert spawner.launcher_allow_token_in_url is False
-        assert sorted(spawner.launcher_allowed_options) == ["node_selector", "tolerations"]
+        assert sorted(spawner.launcher_allowed_options) == ["default_url", "node_selector", "tolerations"]
+        assert set(hub["extraEnv"]) == {"LAUNCHER_SIGNING_KEY"}
+        assert hub["namedServerLimitPerUser"] + 1 == spawner.launcher_user_max_servers
 
 
 async def test_z2jh_example_policy_refuses_and_applies_as_documented() -> None:
@@ -400,9 +436,21 @@ async def test_z2jh_example_policy_refuses_and_applies_as_documented() -> None:
     spawner = make_spawner(config)
     with pytest.raises(HTTPError, match="maximum of 8 cores"):
         await start(spawner, {"cpu": {"limit": 9}})
-    pod = await start(spawner, {"image": "quay.io/jupyter/scipy-notebook:2024-12-09", "json": {"tolerations": [GPU_TAINT]}})
+    with pytest.raises(HTTPError, match="'nvidia.com/gpu' is for GPU nodes; only a start that asks for GPUs"):
+        await start(spawner, {"json": {"tolerations": [GPU_TAINT]}})
+    with pytest.raises(HTTPError, match="'node-role.kubernetes.io/control-plane' is not a node label this hub"):
+        await start(spawner, {"json": {"node_selector": {"node-role.kubernetes.io/control-plane": ""}}})
+    pod = await start(
+        spawner,
+        {
+            "image": "quay.io/jupyter/scipy-notebook:2024-12-09",
+            "gpu": {"limit": 1},
+            "json": {"tolerations": [GPU_TAINT], "node_selector": {"nvidia.com/gpu.product": "NVIDIA-A100"}},
+        },
+    )
     assert container(pod).image == "quay.io/jupyter/scipy-notebook:2024-12-09"
     assert [t.key for t in pod.spec.tolerations] == ["nvidia.com/gpu"]
+    assert pod.spec.node_selector == {"nvidia.com/gpu.product": "NVIDIA-A100"}
 
 
 # -- the module itself --------------------------------------------------------------------------
@@ -433,3 +481,19 @@ def test_module_works_as_one_file_outside_the_package(tmp_path: Path) -> None:
     )
     assert "launcher_spawner" in loaded
     assert not loaded & {"consumer", "schemas", "pydantic", "aio_pika"}
+
+
+async def test_the_readmes_launch_command_runs_against_the_z2jh_example_policy() -> None:
+    from schemas import LaunchCommand
+    from tests.test_spawner_local import readme_commands
+
+    values = yaml.safe_load((ROOT / "examples" / "z2jh-values.yaml").read_text())
+    config = Config()
+    for section, settings in values["hub"]["config"].items():
+        config[section].update(settings)
+    launch = next(c for c in readme_commands() if c["action"] == "launch")
+    command = LaunchCommand.model_validate(launch)
+    pod = await start(make_spawner(config, username=command.username, server_name=command.server_name), command.user_options())
+    assert container(pod).image == launch["image"]
+    assert container(pod).resources.limits["nvidia.com/gpu"] == "1"
+    assert env_of(pod)["COURSE"] == "ml-101"

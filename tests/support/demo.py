@@ -62,6 +62,7 @@ async def demo(hub: LocalHub) -> None:
         "PYTHONPATH": str(ROOT),
         "LAUNCHER_JUPYTERHUB_URL": hub.url,
         "LAUNCHER_JUPYTERHUB_API_TOKEN": hub.token,
+        "LAUNCHER_SPAWNER_SIGNING_KEY": hub.signing_key,
         "LAUNCHER_AMQP_URL": AMQP_URL,
         "LAUNCHER_COMMAND_QUEUE": QUEUE,
         "LAUNCHER_REPLY_EXCHANGE": "demo.launcher.replies",

@@ -19,8 +19,15 @@ c = get_config()  # noqa: F821 (JupyterHub's config loader provides it)
 state = apply_local_hub_basics(c)
 if os.environ.get("LOCALHUB_INCLUDE"):
     # A documented example config, loaded as a real hub loads it; the settings below override it.
-    os.environ.setdefault("LAUNCHER_SERVICE_TOKEN", os.environ["LOCALHUB_SERVICE_TOKEN"])
+    os.environ.setdefault("LAUNCHER_JUPYTERHUB_API_TOKEN", os.environ["LOCALHUB_SERVICE_TOKEN"])
+    os.environ.setdefault("LAUNCHER_SPAWNER_SIGNING_KEY", os.environ["LAUNCHER_SIGNING_KEY"])
     load_subconfig(os.environ["LOCALHUB_INCLUDE"])  # noqa: F821 (provided by the config loader)
+else:
+    # The test images, and room for the tests' launches: the spawner's defaults are closed.
+    c.TestSpawner.launcher_allowed_images = ["standin(:.*)?", "jupyter"]
+    c.TestSpawner.launcher_max_cpu = 4
+    c.TestSpawner.launcher_max_memory = "4G"
+    c.TestSpawner.launcher_max_gpu = 2
 standin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standin.py")
 
 

@@ -42,6 +42,8 @@ class LocalHub:
     extra: dict[str, Any] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
+    # The spawner's launcher_signing_key (LAUNCHER_SIGNING_KEY in the hub's environment); "" for none.
+    signing_key: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
     state_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="localhub-")))
     process: subprocess.Popen[bytes] | None = None
     # Another JupyterHub config file that reads the same LOCALHUB_* variables (the benchmarks' hub).
@@ -72,6 +74,7 @@ class LocalHub:
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         }
         env.pop("JUPYTERHUB_API_TOKEN", None)
+        env["LAUNCHER_SIGNING_KEY"] = self.signing_key
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "jupyterhub", "-f", str(self.config)],
