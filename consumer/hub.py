@@ -8,7 +8,7 @@ An error that is not JupyterHub's own JSON answer (``{"status": N, "message": ..
 from the hub: while JupyterHub restarts, the configurable-http-proxy in front of it is back first and
 answers 404 (``Not Found``, plain text) to ``/hub/api/...`` until the hub re-adds its route. Such a
 404 means "hub unavailable" and is retried like a refused connection; it never means "no such user
-or server".
+or server". Likewise a proxy's 502/503 is retried even where the hub's own 500 is an answer.
 """
 
 from __future__ import annotations
@@ -103,7 +103,10 @@ class HubClient:
                         message = _message(data, response.reason)
                         if response.status == 429:
                             delay = _retry_after(response.headers.get("Retry-After"))
-                        elif response.status < 500 or not retry_server_errors:
+                        elif response.status < 500 or (not retry_server_errors and _from_hub(data, response.status)):
+                            # A proxy's 502/503 (the hub is down behind it) is retried even where
+                            # the hub's own 5xx is an answer: a start that did reach the hub is
+                            # found pending or running when retried, which the launch handles.
                             raise HubError(response.status, message)
                         failure = f"{response.status} {message}"
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as error:

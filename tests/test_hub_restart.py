@@ -22,7 +22,7 @@ from consumer.config import Settings
 from consumer.hub import HubClient
 from tests.conftest import Client, delete_topology, make_settings, running_service
 from tests.support.frontproxy import FrontProxy
-from tests.support.localhub import LocalHub
+from tests.support.localhub import LocalHub, free_port
 from tests.test_resilience import queued, wait_for_event
 
 NO_ROUTE = "no route to the hub"  # what the launcher logs for a proxy's 404
@@ -115,6 +115,23 @@ async def test_read_and_remove_sent_while_the_hub_has_no_route_wait_for_it_inste
     assert remove_reply["ok"] is True, remove_reply
     assert await hub_api.get_server(remover) is None  # "stopped" was true
     assert await hub_api.get_server(reader) is not None
+
+
+async def test_a_start_answered_503_by_a_proxy_whose_hub_is_down_is_retried_until_the_hub_is_back(
+    hub: LocalHub, front: FrontProxy, hub_api: HubClient, username: str
+) -> None:
+    # A proxy that kept its route to a hub that is down answers 503, not JupyterHub's JSON: the
+    # start never reached the hub and is retried (the hub's own 500, a failed spawn, is an answer).
+    await hub_api.ensure_user(username)
+    front.route(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    async with aiohttp.ClientSession() as session:
+        through_front = HubClient(session, front.url + "/hub/api", hub.token)
+        loop = asyncio.get_running_loop()
+        start = asyncio.create_task(through_front.until(loop.time() + 60).start_server(username, "", {"image": "standin"}))
+        await asyncio.sleep(2)
+        assert not start.done()
+        front.route()
+        assert await start in (201, 202)
 
 
 async def _fail_a_launch_while_the_hub_is_unavailable(

@@ -65,9 +65,9 @@ class FrontProxy:
         with urllib.request.urlopen(request, timeout=5):
             pass
 
-    def route(self) -> None:
-        """Add the hub's route, as the hub does once it is back."""
-        self._api("POST", {"target": self.target})
+    def route(self, target: str | None = None) -> None:
+        """Add the hub's route, as the hub does once it is back (or a route to ``target``)."""
+        self._api("POST", {"target": target or self.target})
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
