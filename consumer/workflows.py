@@ -191,6 +191,7 @@ class _Launch:
         options = self.command.user_options()
         await self.hub.ensure_user(username)
         start = asyncio.create_task(self._start(options))
+        start.add_done_callback(_retrieve)  # a failure found first elsewhere leaves its error unread
         # The hub serves one request at a time: the token request, sent right behind the start,
         # is answered once the spawn is pending, so it costs the caller nothing, and from then on
         # the progress stream is open, even while the start request is still held by the hub.
