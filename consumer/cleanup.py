@@ -21,7 +21,7 @@ import secrets
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.commands import SERVER_NAME_PATTERN, USERNAME_PATTERN
 
@@ -74,8 +74,7 @@ class CleanUp(BaseModel):
     server_name: str = Field("", pattern=SERVER_NAME_PATTERN)
     launch: str = Field(pattern=r"^[0-9a-f]{1,64}$")
     stop: bool = False  # the launch was starting the server: stop it unless it was handed out since
-    token_ids: tuple[str, ...] = ()  # ids known to the launch; the rest are found by note
-    failed_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    failed_at: AwareDatetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 async def revoke_tokens(
@@ -109,7 +108,9 @@ async def undo(hub: HubClient, job: CleanUp) -> bool:
     time (the hub's clock) is the reference; when the hub never created one, the failure's time.
     """
     tokens = await hub.list_tokens(job.username)
-    ours, others = set(job.token_ids), []
+    # By note only, never by ids the job names: a follow-up read from the queue can revoke no more
+    # than the launcher's own tokens for that server and launch.
+    ours, others = set(), []
     for token in tokens:
         issuer = _issuer(token, job.username, job.server_name)
         if issuer == job.launch:

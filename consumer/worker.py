@@ -123,12 +123,17 @@ class Worker:
         try:
             try:
                 job = CleanUp.model_validate_json(message.body)
-            except ValidationError:
+            except (ValidationError, ValueError, RecursionError):
                 log.warning("follow-up %s is not a clean-up; dead-lettered", message.message_id)
                 await _settle(run, dead_letter=True)
                 return
-            async with self.locks.hold((job.username, job.server_name)):
-                done = await self.workflows.clean_up(job)
+            try:
+                async with self.locks.hold((job.username, job.server_name)):
+                    done = await self.workflows.clean_up(job)
+            except Exception:
+                log.exception("clean-up of launch %s of %s/%s failed unexpectedly; dead-lettered", job.launch, job.username, job.server_name)
+                await _settle(run, dead_letter=True)
+                return
             age = (datetime.now(timezone.utc) - job.failed_at).total_seconds()
             if not done and age > FOLLOW_UP_LIFETIME:
                 log.error("clean-up of launch %s of %s/%s given up after %.0f s", job.launch, job.username, job.server_name, age)

@@ -409,7 +409,6 @@ class _Launch:
         answer never came is revoked too.
         """
         self._drop_pending_model()
-        token_ids: list[str] = []
         hub = self.hub.until(self._now() + CLEANUP_GRACE)
         try:
             async with asyncio.timeout(CLEANUP_GRACE):
@@ -417,26 +416,22 @@ class _Launch:
                 if task is not None:
                     task.add_done_callback(_retrieve)  # it may outlive this wait: no "never retrieved"
                     await asyncio.wait({task})  # not cancelled by the grace's end either
-                    if not task.cancelled() and task.exception() is None:
-                        token_ids.append(task.result()[1])
-                job = self._clean_up_job(token_ids)
-                if await undo(hub, job):
+                if await undo(hub, self._clean_up_job()):
                     await _stop(hub, self.command.username, self.command.server_name, self.settings)
             return None
         except (TimeoutError, HubUnavailable, aiohttp.ClientError) as error:
             log.warning("clean-up of %s continues after the reply (%s)", _label(self.command), type(error).__name__)
-            return self._clean_up_job(token_ids)
+            return self._clean_up_job()
         except HubError as error:
             log.error("could not clean up failed launch of %s: %s", _label(self.command), error)
             return None
 
-    def _clean_up_job(self, token_ids: list[str]) -> CleanUp:
+    def _clean_up_job(self) -> CleanUp:
         return CleanUp(
             username=self.command.username,
             server_name=self.command.server_name,
             launch=self.launch_id,
             stop=self.spawned,
-            token_ids=tuple(token_ids),
         )
 
 

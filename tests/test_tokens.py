@@ -134,3 +134,20 @@ async def test_a_deferred_clean_up_stops_the_failed_launchs_server_unless_a_late
     assert failed not in [t["id"] for t in left]
     assert len(left) == 2 and earlier in [t["id"] for t in left]  # and the later launch's
     assert await hub_api.get_server(username) is not None
+
+
+def test_a_token_note_names_its_server_and_launch_unambiguously() -> None:
+    from consumer.cleanup import _issuer
+
+    def token(note: str | None) -> dict[str, str | None]:
+        return {"id": "a1", "note": note}
+
+    note = token_note("a.b@c+d", "gpu-1", "0f3a")
+    assert note == "jupyterhub-launcher a.b@c+d/gpu-1 launch=0f3a"
+    assert _issuer(token(note), "a.b@c+d", "gpu-1") == "0f3a"
+    assert _issuer(token(note), "a.b@c+d", "") is None  # the default server is another server
+    assert _issuer(token(note), "a.b@c+d", "gpu") is None
+    assert _issuer(token(token_note("a.b@c+d", "", "0f3a")), "a.b@c+d", "") == "0f3a"
+    assert _issuer(token("jupyterhub-launcher: bob/"), "bob", "") == ""  # an earlier version's note
+    assert _issuer(token("my own token"), "bob", "") is None
+    assert _issuer(token(None), "bob", "") is None
