@@ -148,6 +148,7 @@ async def _fail_a_launch_while_the_hub_is_unavailable(
     await asyncio.to_thread(front.stop if proxy_down else front.restart)
     reply = await client.reply(correlation_id, timeout=120)
     elapsed = time.monotonic() - sent
+    print(f"failed launch (timeout {timeout:g} s, hub unavailable) answered {elapsed:.1f} s after it was sent")
     assert reply["ok"] is False, reply
     assert reply["error"]["code"] in ("spawn_timeout", "hub_unavailable"), reply
     # The deadline plus the clean-up's grace (5 s) and generous slack; it used to be up to 60 s more.
