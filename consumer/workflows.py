@@ -92,10 +92,16 @@ class Workflows:
             with _hub_errors():
                 async with asyncio.timeout_at(deadline):
                     hub = self.hub.until(deadline)
-                    await _stop(hub, command.username, command.server_name, self.settings)
-                    # Nobody holds a running server now: no launcher token for it stays valid (one
-                    # would open the next server started under this name).
-                    await revoke_tokens(hub, command.username, command.server_name)
+                    # Nobody holds a running server after this: no launcher token for it stays valid
+                    # (one would open the next server started under this name). Revoked while it
+                    # stops, not after: the listing and revokes cost the caller no extra wait.
+                    for outcome in await asyncio.gather(
+                        _stop(hub, command.username, command.server_name, self.settings),
+                        revoke_tokens(hub, command.username, command.server_name),
+                        return_exceptions=True,  # both finish before either's error is raised
+                    ):
+                        if isinstance(outcome, BaseException):
+                            raise outcome
         except TimeoutError:
             error = CommandFailed("hub_error", f"server {_label(command)} did not stop in time")
             emit("remove.failed", {"code": error.code, "message": error.message})
