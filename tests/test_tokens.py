@@ -21,7 +21,7 @@ from consumer.config import Settings
 from consumer.hub import HubClient
 from tests.conftest import AMQP_URL, Client, running_service
 from tests.support.localhub import ROOT, LocalHub
-from tests.test_hub_restart import launcher_tokens, status_with
+from tests.test_hub_restart import _launcher_requests, launcher_tokens, status_with
 from tests.test_resilience import queued
 
 
@@ -45,6 +45,17 @@ async def test_failed_launches_leave_no_valid_launcher_token(
         rejected = await client.call({"action": "launch", "username": username, "image": "standin", "vols": someone_elses})
         assert rejected["error"]["code"] == "options_rejected", rejected
     assert await launcher_tokens(hub_api, username) == []
+
+
+async def test_a_first_launch_lists_no_tokens_so_its_path_keeps_its_hub_requests(
+    service: None, client: Client, username: str, hub: LocalHub
+) -> None:
+    reply = await client.call({"action": "launch", "username": username, "image": "standin"})
+    assert reply["ok"], reply
+    requests = _launcher_requests(hub, username)
+    assert f"201 POST /hub/api/users/{username}/tokens" in requests, requests
+    assert not [r for r in requests if r.endswith(f"GET /hub/api/users/{username}/tokens")], requests
+    assert len(requests) <= 5, requests
 
 
 async def test_remove_revokes_the_servers_tokens_so_the_old_one_does_not_open_the_next_server(
