@@ -95,7 +95,12 @@ async def revoke_tokens(
 
 
 async def _revoke(hub: HubClient, username: str, token_ids: list[str]) -> None:
-    await asyncio.gather(*(hub.revoke_token(username, token_id) for token_id in token_ids))
+    outcomes = await asyncio.gather(
+        *(hub.revoke_token(username, token_id) for token_id in token_ids), return_exceptions=True
+    )
+    for outcome in outcomes:  # all finished: none is left running unread
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 async def undo(hub: HubClient, job: CleanUp) -> bool:
@@ -110,7 +115,8 @@ async def undo(hub: HubClient, job: CleanUp) -> bool:
     tokens = await hub.list_tokens(job.username)
     # By note only, never by ids the job names: a follow-up read from the queue can revoke no more
     # than the launcher's own tokens for that server and launch.
-    ours, others = set(), []
+    ours: set[str] = set()
+    others: list[dict[str, Any]] = []
     for token in tokens:
         issuer = _issuer(token, job.username, job.server_name)
         if issuer == job.launch:
