@@ -130,6 +130,14 @@ class Broker:
             return False
         return True
 
+    async def publish_command(self, body: bytes, message_type: str) -> None:
+        """Queue a command of the launcher's own (a follow-up) on the command queue, durably."""
+        assert self.channel is not None
+        properties = _properties("application/json", None)
+        properties.message_type = message_type
+        # mandatory: a follow-up with no queue to go to must fail, not vanish.
+        await _publish(self.channel, "", self.settings.command_queue, body, properties, mandatory=True)
+
     async def publish_result(self, routing_key: str, correlation_id: str | None, body: bytes) -> None:
         assert self.channel is not None and self.replies is not None
         properties = _properties("application/json", correlation_id)

@@ -19,7 +19,7 @@ and afterwards at every start-up (found by the ``due`` queue).
 An old schedule never removes a newer server: at expiry the server's ``started`` time (from the
 hub's model) must still be the one recorded when the launch became ready, and no launch of the
 same server may have happened since: every launch issues a token noted
-``jupyterhub-launcher: <user>/<server>``, and the hub numbers tokens in order, so a launch token
+naming its server (``cleanup.token_note``), and the hub numbers tokens in order, so a launch token
 newer than the one recorded means a later launch (of a running server, which keeps its
 ``started``). An explicit remove leaves nothing to remove. The hub forgets expired tokens, so a
 later launch that returned the running server is seen only while its token lives
@@ -44,6 +44,7 @@ from schemas import EVENT_CONTENT_TYPE, CloudEvent, LaunchCommand, RemoveCommand
 
 from .broker import Broker
 from .config import Settings
+from .cleanup import is_launch_token
 from .hub import HubClient
 from .worker import KeyedLocks
 from .workflows import CommandFailed, Workflows
@@ -288,12 +289,10 @@ def _superseded(entry: Entry, server: dict[str, Any] | None, tokens: list[dict[s
 
 
 def _newest_launch_token(tokens: list[dict[str, Any]], username: str, server_name: str) -> int | None:
-    # The note the launch workflow gives the token it issues for this server.
-    note = f"jupyterhub-launcher: {username}/{server_name}"
     numbers = [
         int(match.group(1))
         for token in tokens
-        if token.get("note") == note and (match := _TOKEN_ID.match(str(token.get("id", ""))))
+        if is_launch_token(token, username, server_name) and (match := _TOKEN_ID.match(str(token.get("id", ""))))
     ]
     return max(numbers, default=None)
 

@@ -3,6 +3,12 @@
 It knows HTTP and JupyterHub, nothing of AMQP. Transient failures (connection errors, 5xx, 429) are
 retried with the hub's ``Retry-After`` or exponential backoff with jitter until the client's
 ``deadline`` (a ``loop.time()``), then surface as ``HubUnavailable``.
+
+An error that is not JupyterHub's own JSON answer (``{"status": N, "message": ...}``) did not come
+from the hub: while JupyterHub restarts, the configurable-http-proxy in front of it is back first and
+answers 404 (``Not Found``, plain text) to ``/hub/api/...`` until the hub re-adds its route. Such a
+404 means "hub unavailable" and is retried like a refused connection; it never means "no such user
+or server". Likewise a proxy's 502/503 is retried even where the hub's own 500 is an answer.
 """
 
 from __future__ import annotations
@@ -88,14 +94,21 @@ class HubClient:
                     timeout=REQUEST_TIMEOUT,
                 ) as response:
                     data = await _read_json(response)
-                    if response.status in ok:
-                        return response.status, data
-                    message = _message(data, response.reason)
-                    if response.status == 429:
-                        delay = _retry_after(response.headers.get("Retry-After"))
-                    elif response.status < 500 or not retry_server_errors:
-                        raise HubError(response.status, message)
-                    failure = f"{response.status} {message}"
+                    if _not_routed(response.status, data):
+                        # Checked before ``ok``: a proxy's 404 is not the hub's "no such thing".
+                        failure = "404 from a proxy with no route to the hub (restarting?)"
+                    else:
+                        if response.status in ok:
+                            return response.status, data
+                        message = _message(data, response.reason)
+                        if response.status == 429:
+                            delay = _retry_after(response.headers.get("Retry-After"))
+                        elif response.status < 500 or (not retry_server_errors and _from_hub(data, response.status)):
+                            # A proxy's 502/503 (the hub is down behind it) is retried even where
+                            # the hub's own 5xx is an answer: a start that did reach the hub is
+                            # found pending or running when retried, which the launch handles.
+                            raise HubError(response.status, message)
+                        failure = f"{response.status} {message}"
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as error:
                 failure = f"{type(error).__name__}: {error}"
             if delay is None:
@@ -154,22 +167,25 @@ class HubClient:
         )
         return data["token"], data["id"]
 
-    async def list_tokens(self, username: str) -> list[dict[str, Any]]:
-        """The user's API tokens (``id``, ``note``, ``created``, ``expires_at``; never the token
-        itself); none when there is no such user."""
-        status, data = await self._request("GET", _user_path(username) + "/tokens", ok=(200, 404))
-        return list((data or {}).get("api_tokens") or []) if status == 200 else []
-
     async def revoke_token(self, username: str, token_id: str) -> None:
         await self._request(
             "DELETE", _user_path(username) + f"/tokens/{quote(token_id)}", ok=(204, 404)
         )
 
+    async def list_tokens(self, username: str) -> list[dict[str, Any]]:
+        """The user's unexpired API tokens (``id``, ``note``, ``scopes``, ..., never the token
+        itself); none when the user does not exist."""
+        status, data = await self._request("GET", _user_path(username) + "/tokens", ok=(200, 404))
+        if status != 200 or not isinstance(data, dict):
+            return []
+        return list(data.get("api_tokens") or [])
+
     async def progress(self, username: str, server_name: str = "") -> AsyncIterator[dict[str, Any]]:
         """JupyterHub's progress events for a starting server, until it is ready or failed.
 
-        Raises HubError (400: not starting, 403: no ``read:servers``, 404: no such server) or the
-        connection's errors; a stream that ends early just stops iterating.
+        Raises HubError (400: not starting, 403: no ``read:servers``, 404: no such server),
+        HubUnavailable (a proxy's 404: no route to the hub) or the connection's errors; a stream
+        that ends early just stops iterating.
         """
         async with self.session.get(
             self.api_url + _path(username, server_name) + "/progress",
@@ -178,6 +194,8 @@ class HubClient:
         ) as response:
             if response.status != 200:
                 data = await _read_json(response)
+                if _not_routed(response.status, data):
+                    raise HubUnavailable("progress: 404 from a proxy with no route to the hub (restarting?)")
                 raise HubError(response.status, _message(data, response.reason))
             async for raw in response.content:
                 line = raw.decode("utf-8", "replace").strip()
@@ -197,6 +215,16 @@ async def _read_json(response: aiohttp.ClientResponse) -> Any:
         return await response.json(content_type=None)
     except ValueError:
         return None
+
+
+def _from_hub(data: Any, status: int) -> bool:
+    """JupyterHub answers every API error with JSON ``{"status": <status>, "message": ...}``."""
+    return isinstance(data, dict) and data.get("status") == status
+
+
+def _not_routed(status: int, data: Any) -> bool:
+    """A 404 that JupyterHub did not write: a proxy in front of it has no route to it (yet)."""
+    return status == 404 and not _from_hub(data, 404)
 
 
 def _message(data: Any, reason: str | None) -> str:

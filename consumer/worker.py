@@ -35,10 +35,17 @@ from schemas import (
 )
 
 from .broker import Broker
+from .cleanup import CleanUp
 from .config import Settings
 from .workflows import CommandFailed, Workflows
 
 log = logging.getLogger(__name__)
+
+# The AMQP ``type`` of the launcher's own follow-up commands on the command queue: the rest of a
+# failed launch's clean-up. They are answered to nobody: no reply, no result, no event.
+FOLLOW_UP_TYPE = "jupyterhub-launcher.clean-up"
+# A clean-up the hub never lets finish is given up after this long (tokens expire on their own).
+FOLLOW_UP_LIFETIME = 24 * 3600.0
 
 
 @dataclass
@@ -87,7 +94,8 @@ class Worker:
             run.deliveries.append(message)
             return
         run = self.runs[key] = _Run([message])
-        task = asyncio.create_task(self._handle(key, run, message))
+        handle = self._follow_up if message.type == FOLLOW_UP_TYPE else self._handle
+        task = asyncio.create_task(handle(key, run, message))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -101,8 +109,8 @@ class Worker:
             # A read changes nothing: it need not wait for (or hold up) a launch or remove.
             ordered = not isinstance(command, ReadCommand)
             async with self.locks.hold((command.username, command.server_name)) if ordered else contextlib.nullcontext():
-                reply, dead_letter = await self._execute(command, message)
-            await self._finish(run, message, reply, dead_letter)
+                reply, dead_letter, follow_up = await self._execute(command, message, key)
+            await self._finish(run, message, reply, dead_letter, follow_up)
         except asyncio.CancelledError:
             log.info("command %s interrupted by shutdown; requeued", key)
             await _settle(run, requeue=True)
@@ -110,30 +118,66 @@ class Worker:
         finally:
             self.runs.pop(key, None)
 
+    async def _follow_up(self, key: str, run: _Run, message: AbstractIncomingMessage) -> None:
+        """Run a follow-up clean-up, in turn with the commands for its server; when the hub is still
+        unavailable, queue it again (at the back: commands wait for it only one attempt at a time)."""
+        try:
+            try:
+                job = CleanUp.model_validate_json(message.body)
+            except (ValidationError, ValueError, RecursionError):
+                log.warning("follow-up %s is not a clean-up; dead-lettered", message.message_id)
+                await _settle(run, dead_letter=True)
+                return
+            try:
+                async with self.locks.hold((job.username, job.server_name)):
+                    done = await self.workflows.clean_up(job)
+            except Exception:
+                log.exception("clean-up of launch %s of %s/%s failed unexpectedly; dead-lettered", job.launch, job.username, job.server_name)
+                await _settle(run, dead_letter=True)
+                return
+            age = (datetime.now(timezone.utc) - job.failed_at).total_seconds()
+            if not done and age > FOLLOW_UP_LIFETIME:
+                log.error("clean-up of launch %s of %s/%s given up after %.0f s", job.launch, job.username, job.server_name, age)
+            elif not done:
+                try:
+                    await self.broker.publish_command(message.body, FOLLOW_UP_TYPE)
+                except Exception as error:
+                    log.warning("could not re-queue clean-up %s (%s); redelivered", job.launch, type(error).__name__)
+                    await _settle(run, requeue=True)
+                    return
+            await _settle(run)
+        except asyncio.CancelledError:
+            await _settle(run, requeue=True)
+            raise
+        finally:
+            self.runs.pop(key, None)
+
     async def _execute(
-        self, command: LaunchCommand | RemoveCommand | ReadCommand, message: AbstractIncomingMessage
-    ) -> tuple[Reply, bool]:
+        self, command: LaunchCommand | RemoveCommand | ReadCommand, message: AbstractIncomingMessage, key: str
+    ) -> tuple[Reply, bool, CleanUp | None]:
         target = {"action": command.action, "username": command.username, "server_name": command.server_name}
         log.info("%s %s/%s: started (command %s)", command.action, command.username, command.server_name, message.message_id)
 
         def emit(event_type: str, data: dict[str, Any]) -> None:
             self._emit(command, message.correlation_id, event_type, data)
 
+        # A redelivered command may have been run before: its launch revokes that run's token.
+        redelivered = bool(message.redelivered or (message.headers or {}).get("x-delivery-count"))
         try:
-            result = await self.workflows.run(command, emit)
+            result = await self.workflows.run(command, emit, key, redelivered)
             if isinstance(command, LaunchCommand) and command.ttl is not None and self.expiry is not None:
                 result = await self.expiry.schedule(command, result, message.correlation_id)
         except CommandFailed as error:
             log.info("%s %s/%s: %s", command.action, command.username, command.server_name, error)
             info = ErrorInfo(code=error.code, message=error.message, details=error.details)  # type: ignore[arg-type]
-            return Reply(ok=False, error=info, **target), False
+            return Reply(ok=False, error=info, **target), False, error.follow_up
         except Exception:
             # A bug, not the caller's fault: answer, and keep the command for inspection.
             log.exception("%s %s/%s: internal error", command.action, command.username, command.server_name)
             info = ErrorInfo(code="internal_error", message="the launcher failed unexpectedly; see its log")
-            return Reply(ok=False, error=info, **target), True
+            return Reply(ok=False, error=info, **target), True, None
         log.info("%s %s/%s: done", command.action, command.username, command.server_name)
-        return Reply(ok=True, result=result, **target), False
+        return Reply(ok=True, result=result, **target), False, None
 
     async def _invalid(self, run: _Run, message: AbstractIncomingMessage, error: ValidationError) -> None:
         problems = describe_errors(error)
@@ -149,22 +193,33 @@ class Worker:
         )
         await self._finish(run, message, reply, dead_letter=True)
 
-    async def _finish(self, run: _Run, message: AbstractIncomingMessage, reply: Reply, dead_letter: bool) -> None:
+    async def _finish(
+        self,
+        run: _Run,
+        message: AbstractIncomingMessage,
+        reply: Reply,
+        dead_letter: bool,
+        follow_up: CleanUp | None = None,
+    ) -> None:
         """Answer, then settle: ack (or dead-letter) once the answer is confirmed, else requeue,
-        so that the command runs again (at most ``delivery_limit`` times) rather than hang unacked."""
-        if await self._answer(message, reply):
+        so that the command runs again (at most ``delivery_limit`` times) rather than hang unacked.
+        A follow-up is confirmed with the answer, before the ack: RabbitMQ keeps one or the other."""
+        if await self._answer(message, reply, follow_up):
             await _settle(run, dead_letter=dead_letter)
         else:
             await _settle(run, requeue=True)
 
-    async def _answer(self, message: AbstractIncomingMessage, reply: Reply) -> bool:
-        """Publish the reply and the result event; False if the broker did not confirm them."""
+    async def _answer(self, message: AbstractIncomingMessage, reply: Reply, follow_up: CleanUp | None = None) -> bool:
+        """Publish the reply and the result event (and a follow-up); False if the broker did not
+        confirm them."""
         body = reply.model_dump_json().encode()
         try:
             # Both confirmed before the ack, but waited for together: one broker round trip, not two.
             publishes = [self.broker.publish_result(reply.routing_key, message.correlation_id, body)]
             if message.reply_to:
                 publishes.insert(0, self.broker.reply(message.reply_to, message.correlation_id, body))
+            if follow_up is not None:
+                publishes.append(self.broker.publish_command(follow_up.model_dump_json().encode(), FOLLOW_UP_TYPE))
             await asyncio.gather(*publishes)
         except Exception as error:
             log.error("could not publish the reply to %s: %s", message.message_id, type(error).__name__)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import aiohttp
 
 from schemas import LaunchCommand, ReadCommand, RemoveCommand
 
+from .cleanup import CleanUp, new_launch_id, revoke_tokens, token_note, undo
 from .config import Settings
 from .hub import HubClient, HubError, HubUnavailable
 from .signing import signed_options
@@ -24,7 +26,14 @@ from .signing import signed_options
 log = logging.getLogger(__name__)
 
 Emit = Callable[[str, dict[str, Any]], None]  # queues a lifecycle event; never waits
-CLEANUP_TIMEOUT = 30.0  # a failed launch's stop and revoke get this long, past the command's timeout
+# A failed launch's revoke and stop get this long before its reply goes out: replies come within
+# the command's deadline plus a few seconds. What is not done by then (the hub is down, or slow to
+# stop the server) is handed back as a CleanUp, which the worker makes a durable follow-up command.
+CLEANUP_GRACE = 5.0
+# A deferred clean-up keeps retrying an unavailable hub this long per delivery, then is re-queued.
+FOLLOW_UP_TIMEOUT = 60.0
+# An interrupted launch (shutdown) withdraws its token within this; its re-run revokes any left.
+CANCEL_REVOKE_TIMEOUT = 2.0
 ALREADY_RUNNING = 0  # _start's answer when the hub says the server is already running
 # A start still unanswered this long after its token (sent right behind it) is likely to end in a
 # 202, which needs the options check, so the model is read now, while the server starts: read at the
@@ -43,6 +52,7 @@ class CommandFailed(Exception):
         self.code = code
         self.message = message
         self.details = details
+        self.follow_up: CleanUp | None = None  # what is left to undo after the reply
 
 
 @dataclass
@@ -50,9 +60,17 @@ class Workflows:
     hub: HubClient
     settings: Settings
 
-    async def run(self, command: LaunchCommand | RemoveCommand | ReadCommand, emit: Emit) -> dict[str, Any]:
+    async def run(
+        self,
+        command: LaunchCommand | RemoveCommand | ReadCommand,
+        emit: Emit,
+        command_id: str = "",
+        redelivered: bool = False,
+    ) -> dict[str, Any]:
+        """``command_id`` is the same for every delivery of one command; ``redelivered`` says that
+        an earlier run of it may have issued tokens."""
         if isinstance(command, LaunchCommand):
-            return await self.launch(command, emit)
+            return await self.launch(command, emit, command_id, redelivered)
         if isinstance(command, RemoveCommand):
             return await self.remove(command, emit)
         return await self.read(command)
@@ -74,7 +92,17 @@ class Workflows:
         try:
             with _hub_errors():
                 async with asyncio.timeout_at(deadline):
-                    await _stop(self.hub.until(deadline), command.username, command.server_name, self.settings)
+                    hub = self.hub.until(deadline)
+                    # Nobody holds a running server after this: no launcher token for it stays valid
+                    # (one would open the next server started under this name). Revoked while it
+                    # stops, not after: the listing and revokes cost the caller no extra wait.
+                    for outcome in await asyncio.gather(
+                        _stop(hub, command.username, command.server_name, self.settings),
+                        revoke_tokens(hub, command.username, command.server_name),
+                        return_exceptions=True,  # both finish before either's error is raised
+                    ):
+                        if isinstance(outcome, BaseException):
+                            raise outcome
         except TimeoutError:
             error = CommandFailed("hub_error", f"server {_label(command)} did not stop in time")
             emit("remove.failed", {"code": error.code, "message": error.message})
@@ -85,35 +113,61 @@ class Workflows:
         emit("remove.stopped", {})
         return {"stopped": True}
 
-    async def launch(self, command: LaunchCommand, emit: Emit) -> dict[str, Any]:
+    async def launch(
+        self, command: LaunchCommand, emit: Emit, command_id: str = "", redelivered: bool = False
+    ) -> dict[str, Any]:
         emit("launch.accepted", {"image": command.image})
         timeout = command.timeout or self.settings.launch_timeout
         deadline = self._deadline(timeout)
-        launch = _Launch(self.hub.until(deadline), command, self.settings, emit)
+        launch = _Launch(
+            self.hub.until(deadline), command, self.settings, emit, new_launch_id(command_id), redelivered
+        )
         try:
             with _hub_errors():
                 async with asyncio.timeout_at(deadline):
                     result = await launch.run()
         except TimeoutError:
-            await launch.clean_up()
+            follow_up = await launch.clean_up()
             error = CommandFailed(
                 "spawn_timeout",
                 f"server {_label(command)} was not ready within {timeout:g} s"
                 + (f"; last progress: {launch.last_message}" if launch.last_message else ""),
             )
+            error.follow_up = follow_up
             emit("launch.failed", {"code": error.code, "message": error.message})
             raise error from None
         except CommandFailed as error:
-            await launch.clean_up()
+            error.follow_up = await launch.clean_up()
             emit("launch.failed", {"code": error.code, "message": error.message})
             raise
         except asyncio.CancelledError:
             # Shutting down: the command goes back to the queue and its next run follows the spawn
-            # that is still pending, so only the token nobody will receive is withdrawn.
+            # that is still pending, so only the token nobody will receive is withdrawn (and what
+            # this cannot withdraw in time, the re-run does: it revokes its earlier runs' tokens).
             await launch.revoke_token()
             raise
         emit("launch.ready", {"url": result["url"]})
         return result
+
+    async def clean_up(self, job: CleanUp) -> bool:
+        """Finish undoing a failed launch (a follow-up command): revoke its tokens, stop the server
+        it was starting. False if the hub stayed unavailable (try again later)."""
+        hub = self.hub.until(self._deadline(FOLLOW_UP_TIMEOUT))
+        try:
+            async with asyncio.timeout(FOLLOW_UP_TIMEOUT):
+                if await undo(hub, job):
+                    await _stop(hub, job.username, job.server_name, self.settings)
+        except (TimeoutError, HubUnavailable, aiohttp.ClientError) as error:
+            log.warning("clean-up of failed launch %s of %s/%s: hub unavailable (%s)",
+                        job.launch, job.username, job.server_name, type(error).__name__)
+            return False
+        except HubError as error:
+            # The hub refuses (not a passing outage): retrying would not change its mind.
+            log.error("clean-up of failed launch %s of %s/%s refused by the hub: %s",
+                      job.launch, job.username, job.server_name, error)
+            return True
+        log.info("cleaned up failed launch %s of %s/%s", job.launch, job.username, job.server_name)
+        return True
 
 
 @dataclass
@@ -124,6 +178,8 @@ class _Launch:
     command: LaunchCommand
     settings: Settings
     emit: Emit
+    launch_id: str = dataclasses.field(default_factory=new_launch_id)  # in the notes of the tokens it issues
+    redelivered: bool = False  # an earlier run of this command may have issued tokens
     token_task: asyncio.Task[tuple[str, str]] | None = None
     spawned: bool = False  # we started (or followed) a spawn that is ours to stop on failure
     last_message: str = ""
@@ -142,6 +198,7 @@ class _Launch:
         options = signed_options(self.settings.spawner_signing_key.get_secret_value(), username, server_name, self.command.user_options())
         await self.hub.ensure_user(username)
         start = asyncio.create_task(self._start(options))
+        start.add_done_callback(_retrieve)  # a failure found first elsewhere leaves its error unread
         # The hub serves one request at a time: the token request, sent right behind the start,
         # is answered once the spawn is pending, so it costs the caller nothing, and from then on
         # the progress stream is open, even while the start request is still held by the hub.
@@ -207,7 +264,7 @@ class _Launch:
             username,
             scopes=[f"access:servers!server={username}/{server_name}"],
             expires_in=self.settings.user_token_lifetime,
-            note=f"jupyterhub-launcher: {_label(self.command)}",
+            note=token_note(username, server_name, self.launch_id),
         )
 
     async def _start(self, options: dict[str, Any]) -> int:
@@ -284,7 +341,8 @@ class _Launch:
                     await start  # raises if the start itself was refused
                 else:
                     log.warning("progress stream unusable (%s); polling", error.status)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            except (aiohttp.ClientError, asyncio.TimeoutError, HubUnavailable) as error:
+                # HubUnavailable: a proxy with no route to the hub (it restarts); polling retries.
                 log.warning("progress stream broke (%s); polling", type(error).__name__)
             break
         await self._poll()
@@ -307,7 +365,14 @@ class _Launch:
 
     async def _result(self, server: dict[str, Any]) -> dict[str, Any]:
         assert self.token_task is not None
-        token, _ = await self.token_task
+        token, token_id = await self.token_task
+        if self.redelivered:
+            # A re-run: an earlier run of this command (whose reply never reached the broker, or
+            # whose process died) may have issued a token nobody holds. One listing, on re-runs
+            # only, so that a first launch's path keeps its four or five hub requests.
+            await revoke_tokens(
+                self.hub, self.command.username, self.command.server_name, self.launch_id, keep=token_id
+            )
         command = self.command
         return {
             "image": command.image,
@@ -329,33 +394,52 @@ class _Launch:
             task.cancel()
 
     async def revoke_token(self) -> None:
+        """Withdraw this run's token, briefly (shutting down)."""
         self._drop_pending_model()
         task, self.token_task = self.token_task, None
         if task is None:
             return
-        if not task.done():
-            task.cancel()
         with contextlib.suppress(BaseException):
-            _, token_id = await task
-            await asyncio.wait_for(
-                self.hub.until(self.hub_cleanup_deadline()).revoke_token(self.command.username, token_id),
-                CLEANUP_TIMEOUT,
-            )
+            async with asyncio.timeout(CANCEL_REVOKE_TIMEOUT):
+                _, token_id = await task
+                await self.hub.until(self._now() + CANCEL_REVOKE_TIMEOUT).revoke_token(self.command.username, token_id)
 
-    def hub_cleanup_deadline(self) -> float:
-        return asyncio.get_running_loop().time() + CLEANUP_TIMEOUT
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
 
-    async def clean_up(self) -> None:
-        """Undo a failed launch: withdraw the token and stop a server we were starting."""
-        await self.revoke_token()
-        if not self.spawned:
-            return
-        hub = self.hub.until(self.hub_cleanup_deadline())
+    async def clean_up(self) -> CleanUp | None:
+        """Undo a failed launch: revoke every token this launch issued (in any run of it), stop the
+        server it was starting. Returns what was not done within CLEANUP_GRACE, for later.
+
+        A token request still in flight is let finish, not cancelled: cancelled after sending, the
+        hub creates the token anyway. The tokens are then found by their note, so that one whose
+        answer never came is revoked too.
+        """
+        self._drop_pending_model()
+        hub = self.hub.until(self._now() + CLEANUP_GRACE)
         try:
-            async with asyncio.timeout(CLEANUP_TIMEOUT):
-                await _stop(hub, self.command.username, self.command.server_name, self.settings)
-        except (TimeoutError, HubError, HubUnavailable, aiohttp.ClientError) as error:
-            log.error("could not stop failed server %s: %s", _label(self.command), error)
+            async with asyncio.timeout(CLEANUP_GRACE):
+                task = self.token_task
+                if task is not None:
+                    task.add_done_callback(_retrieve)  # it may outlive this wait: no "never retrieved"
+                    await asyncio.wait({task})  # not cancelled by the grace's end either
+                if await undo(hub, self._clean_up_job()):
+                    await _stop(hub, self.command.username, self.command.server_name, self.settings)
+            return None
+        except (TimeoutError, HubUnavailable, aiohttp.ClientError) as error:
+            log.warning("clean-up of %s continues after the reply (%s)", _label(self.command), type(error).__name__)
+            return self._clean_up_job()
+        except HubError as error:
+            log.error("could not clean up failed launch of %s: %s", _label(self.command), error)
+            return None
+
+    def _clean_up_job(self) -> CleanUp:
+        return CleanUp(
+            username=self.command.username,
+            server_name=self.command.server_name,
+            launch=self.launch_id,
+            stop=self.spawned,
+        )
 
 
 async def _stop(hub: HubClient, username: str, server_name: str, settings: Settings) -> None:
@@ -378,6 +462,11 @@ async def _wait_stopped(hub: HubClient, username: str, server_name: str, setting
             return
         await asyncio.sleep(delay)
         delay = min(delay * 2, settings.status_check_interval)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 @contextlib.contextmanager
