@@ -43,8 +43,10 @@ _REPLACEMENT = rf"\g<head>{MASK}\g<tail>"
 
 
 def bind_command(**fields: Any) -> None:
-    """Say which command the current task works for; later lines carry these fields in JSON."""
-    known = {k: str(v) for k, v in fields.items() if k in COMMAND_FIELDS and v not in (None, "")}
+    """Say which command the current task works for; later lines carry these fields in JSON.
+
+    ``None`` is unknown and left out; ``""`` is kept (``server_name`` "" is the default server)."""
+    known = {k: str(v) for k, v in fields.items() if k in COMMAND_FIELDS and v is not None}
     _command.set({**_command.get(), **known})
 
 
