@@ -19,6 +19,9 @@ from .logs import mask_url
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT = 15.0  # seconds for both requests of one check
+# What the launcher's role must grant (README, "JupyterHub set-up"); a filtered scope such as
+# ``servers!group=students`` counts, the hub then answers 403 for users outside it.
+REQUIRED_SCOPES = ("admin:users", "servers", "tokens")
 
 
 class HubCheck:
@@ -70,4 +73,8 @@ class HubCheck:
         except TimeoutError:
             return f"no answer within {CHECK_TIMEOUT:g} s", ""
         owner = f"{identity.get('kind', 'user')} {identity.get('name', '?')!r}"
+        scopes = [str(scope).split("!", 1)[0] for scope in identity.get("scopes") or []]
+        missing = [scope for scope in REQUIRED_SCOPES if scope not in scopes]
+        if missing:
+            return f"the token of {owner} lacks the scopes {', '.join(missing)}: commands will be refused", ""
         return None, f"JupyterHub {version}, token accepted ({owner})"

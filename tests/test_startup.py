@@ -247,11 +247,28 @@ async def test_the_hub_check_logs_recovery_once_the_hub_answers(caplog: pytest.L
                     running.cancel()
     finally:
         later.close()
+    assert not later.state_dir.exists()  # the hub's state is removed with it
     messages = [r.getMessage() for r in caplog.records if r.name == "consumer.hubcheck"]
     accepted = [m for m in messages if "token accepted (service 'launcher')" in m]
     assert len(accepted) == 1, messages  # recovery is logged once, not at every check
     assert messages[0].startswith(f"JupyterHub at {settings.hub_api_url}: unreachable")
     assert later.token not in "\n".join(messages)
+
+
+async def test_the_hub_check_names_the_scopes_the_token_lacks(caplog: pytest.LogCaptureFixture) -> None:
+    import aiohttp
+
+    # The launcher's service, with a role that may read users but not start servers or issue tokens.
+    role = {"name": "launcher", "scopes": ["admin:users"], "services": ["launcher"]}
+    with LocalHub(extra={"load_roles": [role]}) as limited:
+        settings = make_settings(limited)
+        async with aiohttp.ClientSession() as session:
+            check = HubCheck(HubClient(session, settings.hub_api_url, limited.token), settings)
+            with caplog.at_level(logging.INFO, logger="consumer.hubcheck"):
+                assert await check.check() is False
+    assert check.problem == "the token of service 'launcher' lacks the scopes servers, tokens: commands will be refused"
+    [record] = [r for r in caplog.records if r.name == "consumer.hubcheck"]
+    assert record.levelno == logging.ERROR and check.problem in record.getMessage()
 
 
 def test_version_and_help_are_plain_text() -> None:
