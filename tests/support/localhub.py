@@ -121,21 +121,21 @@ class LocalHub:
         self.start()
 
     def close(self) -> None:
-        """Stop the hub and remove its state directory (kept when LOCALHUB_KEEP is set, to debug).
-
-        Not done by ``stop``: a stopped hub may be started again, on the same state."""
+        """Stop the hub and remove its state directory now."""
         self.stop()
         self._remove_state()
 
     def __post_init__(self) -> None:
-        # Also removed when the process exits, for hubs only ever stopped (not closed).
+        # The state directory (database, log, servers' homes) goes when this object does, or at the
+        # latest when the process exits: not at ``stop``, since a stopped hub may be started again
+        # on the same state, and tests read its log after it stopped. LOCALHUB_KEEP=1 keeps it.
         self._remove_state = weakref.finalize(self, _remove_state_dir, self.state_dir)
 
     def __enter__(self) -> LocalHub:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.stop()
 
 
 def _remove_state_dir(path: Path) -> None:
