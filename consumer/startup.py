@@ -67,6 +67,9 @@ def describe(error: BaseException, settings: Settings) -> tuple[str, bool]:
     """What went wrong, in words, and whether it is permanent (trying again would not help)."""
     if isinstance(error, aiormq.exceptions.ProbableAuthenticationError):
         return "the login was refused (check the user and password in amqp_url)", True
+    if isinstance(error, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(error):
+        # What aiormq makes of the broker closing the handshake at Connection.Open: the vhost.
+        return "the broker closed the connection at login (does the vhost exist, may the user use it?)", True
     if isinstance(error, aiormq.exceptions.ChannelClosed):
         # A refused declaration (PRECONDITION_FAILED: a queue with other arguments, ACCESS_REFUSED
         # on the vhost): the broker's own words say which queue and what differs.

@@ -100,15 +100,22 @@ def test_an_unreachable_broker_fails_start_up_with_one_error_line_and_exit_1(hub
     assert "Reconnecting" not in log and "aiormq" not in log
 
 
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        (f"amqp://guest:{PASSWORD}@127.0.0.1:5672/", "the login was refused"),
+        ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "does the vhost exist"),
+    ],
+)
 def test_a_refused_login_fails_start_up_at_once_with_one_error_line_and_exit_1(
-    hub: LocalHub, tmp_path: Path
+    hub: LocalHub, tmp_path: Path, url: str, says: str
 ) -> None:
-    settings = make_settings(hub, amqp_url=f"amqp://guest:{PASSWORD}@127.0.0.1:5672/")
+    settings = make_settings(hub, amqp_url=url)
     code, lines, _ = run_launcher(settings_env(settings), tmp_path)
     assert code == 1
     errors = error_lines(lines)
     assert len(errors) == 1, lines
-    assert "127.0.0.1:5672" in errors[0] and "the login was refused" in errors[0]
+    assert "127.0.0.1:5672" in errors[0] and says in errors[0]
     assert "attempts" not in errors[0]  # a refused login is not tried again
     log = "\n".join(lines)
     assert PASSWORD not in log and "Traceback" not in log
