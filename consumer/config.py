@@ -51,8 +51,10 @@ class Settings(BaseModel):
     status_check_interval: float = Field(2.0, gt=0)
     status_check_count: int = Field(150, gt=0)
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
-    # Each start-up attempt to reach the broker gives up after this many seconds.
+    # Each attempt to reach the broker gives up after amqp_connect_timeout seconds; start-up stops
+    # trying (and exits 1) once failures have gone on for amqp_startup_timeout seconds.
     amqp_connect_timeout: float = Field(10.0, gt=0)
+    amqp_startup_timeout: float = Field(30.0, ge=0)
     # How often the hub's address and token are checked (first at start-up).
     hub_check_interval: float = Field(30.0, gt=0)
     command_queue: str = Field("launcher.commands", min_length=1)

@@ -4,9 +4,9 @@ Once connected, aio-pika's robust connection reconnects by itself for as long as
 At start-up there is nothing yet to keep alive: a broker that cannot be reached after a few attempts,
 or one that refuses the login, is a deployment mistake the operator must see, so the service exits
 (non-zero) instead of retrying for ever; a supervisor (systemd, Kubernetes) restarts it with its own
-backoff. Network failures are retried a few times (a broker started at the same moment, as in a
-compose file, answers a few seconds later); a refused login or a refused declaration is not, since
-trying again cannot change the answer.
+backoff. Network failures are retried for ``amqp_startup_timeout`` seconds (a broker started at the
+same moment, as in a compose file, or restarting, answers a few seconds later); a refused login or a
+refused declaration is not, since trying again cannot change the answer.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from .logs import mask_url
 
 log = logging.getLogger(__name__)
 
-STARTUP_ATTEMPTS = 3
-STARTUP_PAUSE = 2.0  # seconds between attempts
+STARTUP_PAUSE_FIRST, STARTUP_PAUSE_MAX = 1.0, 5.0  # seconds between attempts, doubling
 CLOSE_TIMEOUT = 5.0  # for a half-made connection, when an attempt fails or is interrupted
 # While connecting at start-up, these log each failed attempt (one of them at ERROR) and promise a
 # reconnection that start-up will not make; the failure is reported once, by start-up itself.
@@ -41,9 +40,14 @@ def broker_address(settings: Settings) -> str:
 
 
 async def connect_broker(settings: Settings) -> Broker:
-    """A connected Broker, after at most ``STARTUP_ATTEMPTS`` attempts; else StartupError."""
+    """A connected Broker; StartupError at once for a permanent failure, or once network failures
+    have gone on for ``amqp_startup_timeout`` seconds."""
     where = broker_address(settings)
-    for attempt in range(1, STARTUP_ATTEMPTS + 1):
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    give_up, pause, attempt = began + settings.amqp_startup_timeout, STARTUP_PAUSE_FIRST, 0
+    while True:
+        attempt += 1
         broker = Broker(settings)
         try:
             with _quiet(settings):
@@ -55,12 +59,14 @@ async def connect_broker(settings: Settings) -> Broker:
         except Exception as error:
             await _close(broker)
             problem, permanent = describe(error, settings)
-            if permanent or attempt == STARTUP_ATTEMPTS:
-                tries = f" (after {attempt} attempts)" if attempt > 1 else ""
-                raise StartupError(f"cannot start: RabbitMQ at {where}: {problem}{tries}") from None
-            log.warning("RabbitMQ at %s: %s; trying again in %g s", where, problem, STARTUP_PAUSE)
-            await asyncio.sleep(STARTUP_PAUSE)
-    raise AssertionError("unreachable")
+            if permanent:
+                raise StartupError(f"cannot start: RabbitMQ at {where}: {problem}") from None
+            if loop.time() + pause > give_up:
+                tried = f"{attempt} attempt{'s' if attempt > 1 else ''} in {loop.time() - began:.0f} s"
+                raise StartupError(f"cannot start: RabbitMQ at {where}: {problem} (gave up after {tried})") from None
+            log.warning("RabbitMQ at %s: %s; trying again in %g s", where, problem, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, STARTUP_PAUSE_MAX)
 
 
 def describe(error: BaseException, settings: Settings) -> tuple[str, bool]:

@@ -39,15 +39,15 @@ def launcher_env(**values: str | float) -> dict[str, str]:
 
 def settings_env(settings: Settings, **values: str | float) -> dict[str, str]:
     """Environment for a launcher configured as ``settings`` (its hub, its unique queue names)."""
-    return launcher_env(
-        jupyterhub_url=str(settings.jupyterhub_url),
-        jupyterhub_api_token=settings.jupyterhub_api_token.get_secret_value(),
-        amqp_url=settings.amqp_url.get_secret_value(),
-        command_queue=settings.command_queue,
-        reply_exchange=settings.reply_exchange,
-        events_exchange=settings.events_exchange,
-        **values,
-    )
+    configured: dict[str, str | float] = {
+        "jupyterhub_url": str(settings.jupyterhub_url),
+        "jupyterhub_api_token": settings.jupyterhub_api_token.get_secret_value(),
+        "amqp_url": settings.amqp_url.get_secret_value(),
+        "command_queue": settings.command_queue,
+        "reply_exchange": settings.reply_exchange,
+        "events_exchange": settings.events_exchange,
+    }
+    return launcher_env(**(configured | values))
 
 
 def run_launcher(env: dict[str, str], cwd: Path, timeout: float = 120) -> tuple[int, list[str], float]:
@@ -88,12 +88,14 @@ def test_a_malformed_amqp_url_stops_start_up_at_once_with_one_line_and_no_passwo
 def test_an_unreachable_broker_fails_start_up_with_one_error_line_and_exit_1(hub: LocalHub, tmp_path: Path) -> None:
     port = free_port()  # bound once and released: nothing listens there
     settings = make_settings(hub, amqp_url=f"amqp://guest:{PASSWORD}@127.0.0.1:{port}/")
-    code, lines, _ = run_launcher(settings_env(settings), tmp_path)
+    code, lines, _ = run_launcher(settings_env(settings, amqp_startup_timeout=3), tmp_path)
     assert code == 1
     errors = error_lines(lines)
     assert len(errors) == 1, lines
     assert "cannot start: RabbitMQ at" in errors[0] and f"127.0.0.1:{port}" in errors[0]
-    assert "cannot connect" in errors[0] and "after 3 attempts" in errors[0]
+    # Tried at 0 and 1 s; the next pause (2 s) would end past amqp_startup_timeout.
+    assert "cannot connect" in errors[0] and "(gave up after 2 attempts in " in errors[0]
+    assert [line for line in lines if "trying again in 1 s" in line], lines
     log = "\n".join(lines)
     assert PASSWORD not in log and "Traceback" not in log
     # The AMQP libraries' own lines for each attempt stay out of it at INFO; start-up says it once.
@@ -147,7 +149,7 @@ async def test_a_signal_while_the_broker_does_not_answer_stops_start_up_promptly
 ) -> None:
     async with SilentBroker() as broker:
         settings = make_settings(hub, amqp_url=f"amqp://guest:{PASSWORD}@127.0.0.1:{broker.port}/")
-        # Without the signal it would wait 3 x 300 s.
+        # Without the signal it would wait 300 s.
         env = settings_env(settings, amqp_connect_timeout=300)
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "consumer", "run", cwd=tmp_path, env=env, stderr=subprocess.PIPE
@@ -175,12 +177,67 @@ async def test_a_broker_that_never_answers_fails_start_up_after_amqp_connect_tim
 ) -> None:
     async with SilentBroker() as broker:
         settings = make_settings(hub, amqp_url=f"amqp://guest:{PASSWORD}@127.0.0.1:{broker.port}/")
-        code, lines, _ = await asyncio.to_thread(run_launcher, settings_env(settings, amqp_connect_timeout=1), tmp_path)
+        env = settings_env(settings, amqp_connect_timeout=1, amqp_startup_timeout=0)
+        code, lines, _ = await asyncio.to_thread(run_launcher, env, tmp_path)
     assert code == 1
     errors = error_lines(lines)
     assert len(errors) == 1, lines
-    assert "no answer within 1 s (amqp_connect_timeout)" in errors[0] and "after 3 attempts" in errors[0]
+    assert "no answer within 1 s (amqp_connect_timeout)" in errors[0] and "(gave up after 1 attempt in " in errors[0]
     assert PASSWORD not in "\n".join(lines)
+
+
+class LateBroker:
+    """The real broker, reachable on a port of its own only once ``open`` is called (a forwarder)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+
+    async def open(self) -> None:
+        self.server = await asyncio.start_server(self._forward, "127.0.0.1", self.port)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", 5672)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except ConnectionError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, broker_writer), pipe(broker_reader, writer))
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_start_up_waits_for_a_broker_that_comes_up_within_amqp_startup_timeout(
+    hub: LocalHub, settings: Settings, tmp_path: Path
+) -> None:
+    late = LateBroker()
+    env = settings_env(settings, amqp_url=f"amqp://guest:guest@127.0.0.1:{late.port}/", amqp_startup_timeout=60)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "consumer", "run", cwd=tmp_path, env=env, stderr=subprocess.PIPE
+    )
+    seen: list[str] = []
+    try:
+        assert process.stderr is not None
+        await read_until(process.stderr, seen, "trying again in 1 s")  # refused: nothing listens yet
+        await late.open()
+        await read_until(process.stderr, seen, "consuming " + settings.command_queue)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await late.close()
+    assert not error_lines(seen), seen  # a broker that came in time is no error
 
 
 async def read_until(

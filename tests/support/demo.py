@@ -48,8 +48,10 @@ async def rpc(channel: aio_pika.abc.AbstractChannel, command: dict[str, Any], ti
     raise RuntimeError("no reply")
 
 
-async def wait_for_queue(connection: aio_pika.abc.AbstractConnection) -> None:
-    for _ in range(150):
+async def wait_for_queue(connection: aio_pika.abc.AbstractConnection, launcher: subprocess.Popen[bytes]) -> None:
+    for _ in range(300):
+        if launcher.poll() is not None:
+            raise RuntimeError(f"the launcher exited ({launcher.returncode}); its log is above")
         channel = await connection.channel()  # a failed passive declare closes its channel
         try:
             await channel.declare_queue(QUEUE, passive=True)
@@ -82,7 +84,7 @@ async def demo(hub: LocalHub) -> None:
     try:
         connection = await aio_pika.connect(AMQP_URL)
         async with connection:
-            await wait_for_queue(connection)
+            await wait_for_queue(connection, launcher)
             channel = await connection.channel()
             command = {
                 "action": "launch",
