@@ -72,6 +72,8 @@ class HubCheck:
             return f"unreachable ({error})", ""
         except TimeoutError:
             return f"no answer within {CHECK_TIMEOUT:g} s", ""
+        except Exception as error:  # anything else (a malformed answer, a refused TLS handshake): logged, checked again
+            return f"the check failed ({type(error).__name__}: {error})", ""
         owner = f"{identity.get('kind', 'user')} {identity.get('name', '?')!r}"
         scopes = [str(scope).split("!", 1)[0] for scope in identity.get("scopes") or []]
         missing = [scope for scope in REQUIRED_SCOPES if scope not in scopes]
