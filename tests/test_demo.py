@@ -30,6 +30,16 @@ async def exists(kind: str, name: str) -> bool:
         return True
 
 
+async def delete(prefix: str) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (f"{prefix}.commands", f"{prefix}.commands.dead"):
+            await channel.queue_delete(queue)
+        for exchange in (f"{prefix}.replies", f"{prefix}.events", f"{prefix}.commands.dlx"):
+            await channel.exchange_delete(exchange)
+
+
 async def test_the_demo_launches_a_server_and_on_ctrl_c_removes_its_queues_exchanges_and_hub_state(
     tmp_path: Path,
 ) -> None:
@@ -59,9 +69,14 @@ async def test_the_demo_launches_a_server_and_on_ctrl_c_removes_its_queues_excha
             rest, _ = await asyncio.wait_for(process.communicate(), 120)
             out.append(rest.decode())
         finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            if process.returncode is None:  # the test failed: stop the demo, its launcher and hub too
+                process.send_signal(signal.SIGINT)
+                try:
+                    await asyncio.wait_for(process.wait(), 60)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+                await delete(prefix)  # in case the demo could not
     text = "".join(out)
     print(text)
     assert process.returncode == 0, (tmp_path / "demo.err").read_text()

@@ -77,10 +77,20 @@ async def demo(hub: LocalHub) -> None:
     launcher = subprocess.Popen(
         [sys.executable, "-m", "consumer", "run", "--config", str(ROOT / "config.yaml")], env=env, start_new_session=True
     )
-    stop = asyncio.Event()
+    stop, body = asyncio.Event(), asyncio.current_task()
+    assert body is not None
+
+    def on_signal() -> None:
+        # Once the server is up, Ctrl-C removes it; before that, it stops the demo where it is.
+        if ready.is_set():
+            stop.set()
+        else:
+            body.cancel()
+
+    ready = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         connection = await aio_pika.connect(AMQP_URL)
         async with connection:
@@ -109,6 +119,7 @@ async def demo(hub: LocalHub) -> None:
                 ">>> Ctrl-C to stop.\n",
                 flush=True,
             )
+            ready.set()
             await stop.wait()
             print(">>> removing the server", flush=True)
             print(await rpc(channel, {"action": "remove", "username": "demo"}), flush=True)
@@ -134,7 +145,10 @@ def main() -> None:
     print("starting a local JupyterHub (null authenticator, 'launcher' service)...", flush=True)
     with LocalHub() as hub:
         print(f"JupyterHub at {hub.url} (log: {hub.log_path})", flush=True)
-        asyncio.run(demo(hub))
+        try:
+            asyncio.run(demo(hub))
+        except asyncio.CancelledError:
+            print(">>> stopped", flush=True)
 
 
 if __name__ == "__main__":
