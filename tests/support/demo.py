@@ -20,7 +20,11 @@ import aiohttp
 from tests.support.localhub import ROOT, LocalHub
 
 AMQP_URL = os.environ.get("LAUNCHER_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-QUEUE = "demo.launcher.commands"
+# The demo's queues and exchanges, all named after this (a test runs it under a name of its own).
+PREFIX = os.environ.get("DEMO_PREFIX", "demo.launcher")
+QUEUE = f"{PREFIX}.commands"
+QUEUES = (QUEUE, f"{QUEUE}.dead")
+EXCHANGES = (f"{PREFIX}.replies", f"{PREFIX}.events", f"{QUEUE}.dlx")
 
 
 async def rpc(channel: aio_pika.abc.AbstractChannel, command: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
@@ -44,8 +48,10 @@ async def rpc(channel: aio_pika.abc.AbstractChannel, command: dict[str, Any], ti
     raise RuntimeError("no reply")
 
 
-async def wait_for_queue(connection: aio_pika.abc.AbstractConnection) -> None:
-    for _ in range(150):
+async def wait_for_queue(connection: aio_pika.abc.AbstractConnection, launcher: subprocess.Popen[bytes]) -> None:
+    for _ in range(300):
+        if launcher.poll() is not None:
+            raise RuntimeError(f"the launcher exited ({launcher.returncode}); its log is above")
         channel = await connection.channel()  # a failed passive declare closes its channel
         try:
             await channel.declare_queue(QUEUE, passive=True)
@@ -65,21 +71,31 @@ async def demo(hub: LocalHub) -> None:
         "LAUNCHER_SPAWNER_SIGNING_KEY": hub.signing_key,
         "LAUNCHER_AMQP_URL": AMQP_URL,
         "LAUNCHER_COMMAND_QUEUE": QUEUE,
-        "LAUNCHER_REPLY_EXCHANGE": "demo.launcher.replies",
-        "LAUNCHER_EVENTS_EXCHANGE": "demo.launcher.events",
+        "LAUNCHER_REPLY_EXCHANGE": EXCHANGES[0],
+        "LAUNCHER_EVENTS_EXCHANGE": EXCHANGES[1],
     }
     # Its own session: Ctrl-C reaches the demo only, which removes the server before stopping it.
     launcher = subprocess.Popen(
         [sys.executable, "-m", "consumer", "run", "--config", str(ROOT / "config.yaml")], env=env, start_new_session=True
     )
-    stop = asyncio.Event()
+    stop, body = asyncio.Event(), asyncio.current_task()
+    assert body is not None
+
+    def on_signal() -> None:
+        # Once the server is up, Ctrl-C removes it; before that, it stops the demo where it is.
+        if ready.is_set():
+            stop.set()
+        else:
+            body.cancel()
+
+    ready = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         connection = await aio_pika.connect(AMQP_URL)
         async with connection:
-            await wait_for_queue(connection)
+            await wait_for_queue(connection, launcher)
             channel = await connection.channel()
             command = {
                 "action": "launch",
@@ -104,21 +120,36 @@ async def demo(hub: LocalHub) -> None:
                 ">>> Ctrl-C to stop.\n",
                 flush=True,
             )
+            ready.set()
             await stop.wait()
             print(">>> removing the server", flush=True)
             print(await rpc(channel, {"action": "remove", "username": "demo"}), flush=True)
-            for queue in (QUEUE, QUEUE + ".dead"):
-                await channel.queue_delete(queue)
     finally:
         launcher.send_signal(signal.SIGTERM)
-        launcher.wait(60)
+        await asyncio.to_thread(launcher.wait, 60)
+        await delete_topology()
+
+
+async def delete_topology() -> None:
+    """The durable queues and exchanges the launcher declared: the demo leaves nothing behind."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        for queue in QUEUES:
+            await channel.queue_delete(queue)
+        for exchange in EXCHANGES:
+            await channel.exchange_delete(exchange)
+    print(f">>> deleted {', '.join(QUEUES + EXCHANGES)}", flush=True)
 
 
 def main() -> None:
     print("starting a local JupyterHub (null authenticator, 'launcher' service)...", flush=True)
     with LocalHub() as hub:
         print(f"JupyterHub at {hub.url} (log: {hub.log_path})", flush=True)
-        asyncio.run(demo(hub))
+        try:
+            asyncio.run(demo(hub))
+        except asyncio.CancelledError:
+            print(">>> stopped", flush=True)
 
 
 if __name__ == "__main__":
