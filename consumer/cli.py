@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings)
 
+    from .broker import QueueMismatch
     from .service import serve  # the service's dependencies only when it runs
 
     # What start-up made (modules, classes, Pydantic schemas: ~50,000 objects) lives as long as the
@@ -49,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
 
-    _run(serve(settings))
+    try:
+        _run(serve(settings))
+    except QueueMismatch as error:
+        print(f"jupyterhub-launcher: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

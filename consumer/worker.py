@@ -119,7 +119,7 @@ class Worker:
             self._emit(command, message.correlation_id, event_type, data)
 
         try:
-            result = await self.workflows.run(command, emit)
+            result = await self.workflows.run(command, emit, _identity(message), bool(message.redelivered))
         except CommandFailed as error:
             log.info("%s %s/%s: %s", command.action, command.username, command.server_name, error)
             info = ErrorInfo(code=error.code, message=error.message, details=error.details)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,9 +50,17 @@ class Workflows:
     hub: HubClient
     settings: Settings
 
-    async def run(self, command: LaunchCommand | RemoveCommand | ReadCommand, emit: Emit) -> dict[str, Any]:
+    async def run(
+        self,
+        command: LaunchCommand | RemoveCommand | ReadCommand,
+        emit: Emit,
+        command_id: str = "",
+        redelivered: bool = False,
+    ) -> dict[str, Any]:
+        """``command_id`` names the command across deliveries; ``redelivered``: an earlier run of it
+        may have been cut short (its replica died), leaving a token nobody received."""
         if isinstance(command, LaunchCommand):
-            return await self.launch(command, emit)
+            return await self.launch(command, emit, command_id, redelivered)
         if isinstance(command, RemoveCommand):
             return await self.remove(command, emit)
         return await self.read(command)
@@ -73,6 +82,11 @@ class Workflows:
         try:
             with _hub_errors():
                 async with asyncio.timeout_at(deadline):
+                    # A start still pending on the hub is another's launch (this replica runs one
+                    # command per server at a time): a previous replica finishing its commands
+                    # after a handover, or a user. Stopping now would cancel it and fail that
+                    # launch; the commands' order says it comes first, so let it settle.
+                    await _wait_start_settled(self.hub.until(deadline), command.username, command.server_name, self.settings)
                     await _stop(self.hub.until(deadline), command.username, command.server_name, self.settings)
         except TimeoutError:
             error = CommandFailed("hub_error", f"server {_label(command)} did not stop in time")
@@ -84,11 +98,11 @@ class Workflows:
         emit("remove.stopped", {})
         return {"stopped": True}
 
-    async def launch(self, command: LaunchCommand, emit: Emit) -> dict[str, Any]:
+    async def launch(self, command: LaunchCommand, emit: Emit, command_id: str = "", redelivered: bool = False) -> dict[str, Any]:
         emit("launch.accepted", {"image": command.image})
         timeout = command.timeout or self.settings.launch_timeout
         deadline = self._deadline(timeout)
-        launch = _Launch(self.hub.until(deadline), command, self.settings, emit)
+        launch = _Launch(self.hub.until(deadline), command, self.settings, emit, command_id, redelivered)
         try:
             with _hub_errors():
                 async with asyncio.timeout_at(deadline):
@@ -123,6 +137,8 @@ class _Launch:
     command: LaunchCommand
     settings: Settings
     emit: Emit
+    command_id: str = ""
+    redelivered: bool = False
     token_task: asyncio.Task[tuple[str, str]] | None = None
     spawned: bool = False  # we started (or followed) a spawn that is ours to stop on failure
     last_message: str = ""
@@ -202,11 +218,22 @@ class _Launch:
 
     async def _issue_token(self) -> tuple[str, str]:
         username, server_name = self.command.username, self.command.server_name
+        # The note names the command (a digest of its id), so that a later run finds this token.
+        note = f"jupyterhub-launcher: {_label(self.command)}"
+        if self.command_id:
+            note += " #" + hashlib.sha256(self.command_id.encode()).hexdigest()[:16]
+        if self.redelivered and self.command_id:
+            # A run cut short (a replica killed, a connection lost) may have issued a token that
+            # never reached anyone: withdraw it, so one valid token is left per launch.
+            for earlier in await self.hub.list_tokens(username):
+                if earlier.get("note") == note:
+                    log.info("revoking token %s of an earlier run of this launch", earlier.get("id"))
+                    await self.hub.revoke_token(username, str(earlier["id"]))
         return await self.hub.create_token(
             username,
             scopes=[f"access:servers!server={username}/{server_name}"],
             expires_in=self.settings.user_token_lifetime,
-            note=f"jupyterhub-launcher: {_label(self.command)}",
+            note=note,
         )
 
     async def _start(self, options: dict[str, Any]) -> int:
@@ -375,6 +402,14 @@ async def _wait_stopped(hub: HubClient, username: str, server_name: str, setting
         server = await hub.get_server(username, server_name)
         if not server or (not server.get("pending") and not server.get("ready")):
             return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, settings.status_check_interval)
+
+
+async def _wait_start_settled(hub: HubClient, username: str, server_name: str, settings: Settings) -> None:
+    """Wait while the server's start is pending on the hub (ready or failed ends it)."""
+    delay = 0.1
+    while (server := await hub.get_server(username, server_name)) and server.get("pending") == "spawn":
         await asyncio.sleep(delay)
         delay = min(delay * 2, settings.status_check_interval)
 
