@@ -6,7 +6,9 @@ Topology (all durable):
   subscribed, when it goes away), so commands for one server still run one after another. Rejected
   or too-often-redelivered commands are dead-lettered (at-least-once) through the fanout exchange
   ``<command_queue>.dlx`` to ``<command_queue>.dead``.
-- ``reply_exchange`` (topic): result events, routing key ``<action>.ok`` / ``<action>.error``.
+- ``reply_exchange`` (topic): result events, routing key ``<action>.ok`` / ``<action>.error``, with
+  the command's id in a header. Launch results also go to the stream ``<command_queue>.answered``,
+  the answer journal (``journal.py``).
 - ``events_exchange`` (topic): lifecycle events, routing key = event type.
 RPC replies go to the default exchange with routing key = the command's ``reply_to``.
 
@@ -37,7 +39,9 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import PublishError
 
+from . import journal
 from .config import Settings
+from .journal import Answer, Journal
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,7 @@ class Broker:
         self.event_backlog: asyncio.Queue[Event] = asyncio.Queue(EVENT_BACKLOG)
         self.events_dropped = 0
         self.event_pump: asyncio.Task[None] | None = None
+        self.journal = Journal(settings.answers_queue)
 
     async def connect(self) -> None:
         s = self.settings
@@ -120,6 +125,10 @@ class Broker:
         self.replies = await self.channel.declare_exchange(
             s.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
+        journal_channel: AbstractRobustChannel = await self.connection.channel(publisher_confirms=True)  # type: ignore[assignment]
+        await journal_channel.set_qos(prefetch_count=1000)  # a stream consumer needs a prefetch
+        stream = await self._declare_queue(s.answers_queue, journal.ARGUMENTS, journal_channel)
+        await self.journal.start(journal_channel, stream, self.replies)
         # Events: a connection of their own, without publisher confirms (a lost event fails nothing).
         self.events_connection = await aio_pika.connect_robust(
             s.amqp_url.get_secret_value(),
@@ -132,12 +141,14 @@ class Broker:
         )
         self.event_pump = asyncio.create_task(self._pump_events())
 
-    async def _declare_queue(self, name: str, arguments: dict[str, object]) -> AbstractQueue:
+    async def _declare_queue(
+        self, name: str, arguments: dict[str, object], channel: AbstractChannel | None = None
+    ) -> AbstractQueue:
         """Declare a durable queue; one that exists with other arguments stops start-up with a
         ``QueueMismatch`` that says which argument and how to migrate, not a bare PRECONDITION_FAILED."""
         assert self.connection is not None and self.channel is not None
         try:
-            return await self.channel.declare_queue(name, durable=True, arguments=arguments)
+            return await (channel or self.channel).declare_queue(name, durable=True, arguments=arguments)
         except aiormq.exceptions.ChannelPreconditionFailed as error:
             await self.connection.close()  # the broker closed the channel; nothing to restore
             raise QueueMismatch(_mismatch_message(name, arguments, str(error.args[0] if error.args else error))) from None
@@ -175,11 +186,17 @@ class Broker:
             return False
         return True
 
-    async def publish_result(self, routing_key: str, correlation_id: str | None, body: bytes) -> None:
+    async def publish_result(self, routing_key: str, correlation_id: str | None, body: bytes, command_id: str) -> None:
+        """The result event; with the command's id, so that the answer journal records it."""
         assert self.channel is not None and self.replies is not None
         properties = _properties("application/json", correlation_id)
+        properties.headers = {journal.COMMAND_HEADER: command_id}
         # mandatory=False: nobody need be subscribed to results.
         await _publish(self.channel, self.replies.name, routing_key, body, properties, mandatory=False)
+
+    async def recorded_answer(self, command_id: str) -> Answer | None:
+        """The launch result already published for this command, if any (see ``journal.py``)."""
+        return await self.journal.recorded(command_id)
 
     def publish_event(self, routing_key: str, correlation_id: str | None, render: Render, content_type: str) -> None:
         """Queue a lifecycle event for publishing; events are published in the order queued.

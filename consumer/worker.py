@@ -35,6 +35,7 @@ from schemas import (
 )
 
 from .broker import Broker
+from .journal import Answer
 from .config import Settings
 from .workflows import CommandFailed, Workflows
 
@@ -97,11 +98,18 @@ class Worker:
             except ValidationError as error:
                 await self._invalid(run, message, error)
                 return
+            if isinstance(command, LaunchCommand) and message.redelivered:
+                # Its earlier run may have answered and died before the ack: answer the same.
+                answer = await self.broker.recorded_answer(key)
+                if answer is not None:
+                    log.info("launch %s was answered before its replica stopped; same answer again", key)
+                    await self._answer_again(run, message, key, answer)
+                    return
             # A read changes nothing: it need not wait for (or hold up) a launch or remove.
             ordered = not isinstance(command, ReadCommand)
             async with self.locks.hold((command.username, command.server_name)) if ordered else contextlib.nullcontext():
                 reply, dead_letter = await self._execute(command, message)
-            await self._finish(run, message, reply, dead_letter)
+            await self._finish(run, message, key, reply, dead_letter)
         except asyncio.CancelledError:
             log.info("command %s interrupted by shutdown; requeued", key)
             await _settle(run, requeue=True)
@@ -144,24 +152,33 @@ class Worker:
             server_name=str(fields.get("server_name", "")),
             error=ErrorInfo(code="invalid_command", message=text, details=problems),
         )
-        await self._finish(run, message, reply, dead_letter=True)
+        await self._finish(run, message, _identity(message), reply, dead_letter=True)
 
-    async def _finish(self, run: _Run, message: AbstractIncomingMessage, reply: Reply, dead_letter: bool) -> None:
+    async def _finish(
+        self, run: _Run, message: AbstractIncomingMessage, key: str, reply: Reply, dead_letter: bool
+    ) -> None:
         """Answer, then settle: ack (or dead-letter) once the answer is confirmed, else requeue,
         so that the command runs again (at most ``delivery_limit`` times) rather than hang unacked."""
-        if await self._answer(message, reply):
+        if await self._answer(message, key, reply.routing_key, reply.model_dump_json().encode()):
             await _settle(run, dead_letter=dead_letter)
         else:
             await _settle(run, requeue=True)
 
-    async def _answer(self, message: AbstractIncomingMessage, reply: Reply) -> bool:
+    async def _answer_again(self, run: _Run, message: AbstractIncomingMessage, key: str, answer: Answer) -> None:
+        if await self._answer(message, key, answer.routing_key, answer.body):
+            await _settle(run)
+        else:
+            await _settle(run, requeue=True)
+
+    async def _answer(self, message: AbstractIncomingMessage, key: str, routing_key: str, body: bytes) -> bool:
         """Publish the reply and the result event; False if the broker did not confirm them."""
-        body = reply.model_dump_json().encode()
         try:
             # Both confirmed before the ack, but waited for together: one broker round trip, not two.
-            publishes = [self.broker.publish_result(reply.routing_key, message.correlation_id, body)]
+            # The result goes first: the broker routes a channel's publishes in order, so a reply
+            # that reached its caller has its result in the answer journal.
+            publishes = [self.broker.publish_result(routing_key, message.correlation_id, body, key)]
             if message.reply_to:
-                publishes.insert(0, self.broker.reply(message.reply_to, message.correlation_id, body))
+                publishes.append(self.broker.reply(message.reply_to, message.correlation_id, body))
             await asyncio.gather(*publishes)
         except Exception as error:
             log.error("could not publish the reply to %s: %s", message.message_id, type(error).__name__)

@@ -16,7 +16,7 @@ import aiohttp
 
 from consumer.broker import Broker
 from consumer.config import Settings
-from tests.conftest import AMQP_URL, Client, unique
+from tests.conftest import AMQP_URL, Client, running_service, unique
 from tests.support.localhub import LocalHub
 from tests.support.replica import Replica
 
@@ -219,3 +219,38 @@ async def test_failover_after_sigkill_of_the_active_replica_with_50_launches_in_
     finally:
         await active.stop()
         await standby.stop()
+
+
+async def test_a_launch_answered_by_a_replica_that_stopped_before_its_ack_is_answered_again_identically_by_the_next(
+    hub: LocalHub, settings: Settings, username: str, tmp_path: Path, monkeypatch: Any
+) -> None:
+    # The first replica answers and then "dies" before its ack: its ack never happens, and the
+    # command goes back to the queue when its connection closes.
+    async def no_ack(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    monkeypatch.setattr("consumer.worker._settle", no_ack)
+    async with RecordingClient(settings) as client:
+        async with running_service(settings):
+            standby = await (await Replica(settings, tmp_path / "standby.log").start()).consuming()
+            try:
+                correlation_id = await client.send({"action": "launch", "username": username, "image": "standin"})
+                first = await client.reply(correlation_id, timeout=90)
+                assert first["ok"] is True, first
+            except BaseException:
+                await standby.stop()
+                raise
+        try:
+            async with asyncio.timeout(90):
+                while len(client.all_replies[correlation_id]) < 2:
+                    await asyncio.sleep(0.1)
+            replies = client.all_replies[correlation_id]
+            assert replies[1] == replies[0]  # the same token, not a second one
+            assert "same answer again" in standby.log()
+            assert f"launch {username}/: started" not in standby.log()  # not run again
+            tokens = await launcher_tokens(hub, username)
+            assert len(tokens) == 1, tokens
+            removed = await client.call({"action": "remove", "username": username})
+            assert removed["ok"] is True, removed
+        finally:
+            await standby.stop()
