@@ -13,8 +13,9 @@ from typing import Any
 
 import aio_pika
 import aiohttp
+import pytest
 
-from consumer.broker import Broker
+from consumer.broker import Broker, QueueMismatch
 from consumer.config import Settings
 from tests.conftest import AMQP_URL, Client, running_service, unique
 from tests.support.localhub import LocalHub
@@ -80,6 +81,19 @@ async def test_a_command_queue_declared_without_single_active_consumer_stops_sta
     assert "'x-single-active-consumer'" in log
     assert f"rabbitmqctl delete_queue {settings.command_queue}" in log
     assert "Traceback" not in log and "PRECONDITION_FAILED -" not in log
+
+
+async def test_a_changed_delivery_limit_stops_start_up_naming_x_delivery_limit_and_both_values(settings: Settings) -> None:
+    first = Broker(settings)
+    await first.connect()
+    await first.close()
+    changed = Broker(settings.model_copy(update={"delivery_limit": settings.delivery_limit + 1}))
+    with pytest.raises(QueueMismatch) as raised:
+        await changed.connect()
+    message = str(raised.value)
+    assert f"queue '{settings.command_queue}'" in message and "'x-delivery-limit'" in message
+    assert f"received '{settings.delivery_limit + 1}' but current is '{settings.delivery_limit}'" in message
+    assert changed.connection is not None and changed.connection.is_closed
 
 
 async def test_only_the_first_subscriber_gets_commands_and_a_standby_becomes_active_when_it_stops_consuming(
