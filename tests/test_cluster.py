@@ -127,6 +127,7 @@ class Probe:
         return min(t for t in self.answer_times() if t > moment)
 
 
+@pytest.mark.timeout(900)  # the cluster's start (its fixture) counts too
 async def test_launches_in_flight_survive_losing_the_queue_leaders_node_then_the_launchers_node(
     hub: LocalHub, cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -199,6 +200,7 @@ async def test_launches_in_flight_survive_losing_the_queue_leaders_node_then_the
             assert await queue_depth(cluster.url, settings.command_queue) == 0
             assert await queue_depth(cluster.url, settings.dead_letter_queue) == 0
             assert replica.process is not None and replica.process.returncode is None  # reconnected by itself
+            assert "CONNECTION_FORCED" in replica.log()  # the faults did cut the launcher's connection
 
             print(
                 f"\ncluster faults, {n} launches through HAProxy, probe reads every 0.25 s:\n  "

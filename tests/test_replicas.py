@@ -175,6 +175,7 @@ async def test_on_sigterm_the_standby_takes_over_and_a_remove_waits_for_the_old_
         await new.stop()
 
 
+@pytest.mark.timeout(600)
 async def test_failover_after_sigkill_of_the_active_replica_with_50_launches_in_flight(
     hub: LocalHub, settings: Settings, tmp_path: Path
 ) -> None:
