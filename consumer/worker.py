@@ -35,8 +35,8 @@ from schemas import (
 )
 
 from .broker import Broker
-from .journal import Answer
 from .config import Settings
+from .journal import Answer
 from .workflows import CommandFailed, Workflows
 
 log = logging.getLogger(__name__)
