@@ -129,7 +129,7 @@ class Probe:
 
 @pytest.mark.timeout(900)  # the cluster's start (its fixture) counts too
 async def test_launches_in_flight_survive_losing_the_queue_leaders_node_then_the_launchers_node(
-    hub: LocalHub, cluster: Cluster, tmp_path: Path
+    hub: LocalHub, cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     n = 50
     settings = make_settings(hub, amqp_url=cluster.url)
@@ -202,13 +202,14 @@ async def test_launches_in_flight_survive_losing_the_queue_leaders_node_then_the
             assert replica.process is not None and replica.process.returncode is None  # reconnected by itself
             assert "CONNECTION_FORCED" in replica.log()  # the faults did cut the launcher's connection
 
-            print(
-                f"\ncluster faults, {n} launches through HAProxy, probe reads every 0.25 s:\n  "
-                + "\n  ".join(figures)
-                + f"\n  all {n} launches answered ok, {len(probe.sent)} probe reads answered;"
-                f" repeated replies {len(repeats)} (identical); servers started once each;"
-                f" one launcher token per launch; command and dead-letter queues empty"
-            )
+            with capsys.disabled():  # the figures show in `make test` too
+                print(
+                    f"\ncluster faults, {n} launches through HAProxy, probe reads every 0.25 s:\n  "
+                    + "\n  ".join(figures)
+                    + f"\n  all {n} launches answered ok, {len(probe.sent)} probe reads answered;"
+                    f" repeated replies {len(repeats)} (identical); servers started once each;"
+                    f" one launcher token per launch; command and dead-letter queues empty"
+                )
             removes = await asyncio.gather(*(client.call({"action": "remove", "username": u}) for u in users))
             assert all(r["ok"] for r in removes)
     finally:

@@ -177,7 +177,7 @@ async def test_on_sigterm_the_standby_takes_over_and_a_remove_waits_for_the_old_
 
 @pytest.mark.timeout(600)
 async def test_failover_after_sigkill_of_the_active_replica_with_50_launches_in_flight(
-    hub: LocalHub, settings: Settings, tmp_path: Path
+    hub: LocalHub, settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     n = 50
     users = [unique("f") for _ in range(n)]
@@ -221,13 +221,14 @@ async def test_failover_after_sigkill_of_the_active_replica_with_50_launches_in_
             assert [len(t) for t in tokens] == [1] * n, [t for t in tokens if len(t) != 1]
             assert standby.active
 
-            print(
-                f"\nfailover: {in_flight} launches in flight at SIGKILL of the active replica;"
-                f" a read sent at the kill answered by the standby after {read_answered:.2f} s; its first"
-                f" launch reply {first_reply:.2f} s after the kill, all {n} answered ok after"
-                f" {all_answered:.2f} s (spawns take 5 s); repeated replies: {len(repeats)} (identical);"
-                f" servers started once each; one launcher token left per launch"
-            )
+            with capsys.disabled():  # the figures show in `make test` too
+                print(
+                    f"\nfailover: {in_flight} launches in flight at SIGKILL of the active replica;"
+                    f" a read sent at the kill answered by the standby after {read_answered:.2f} s; its first"
+                    f" launch reply {first_reply:.2f} s after the kill, all {n} answered ok after"
+                    f" {all_answered:.2f} s (spawns take 5 s); repeated replies: {len(repeats)} (identical);"
+                    f" servers started once each; one launcher token left per launch"
+                )
             # Clean up the servers through the surviving replica.
             removes = await asyncio.gather(*(client.call({"action": "remove", "username": u}) for u in users))
             assert all(r["ok"] for r in removes)
