@@ -126,7 +126,7 @@ class Broker:
             s.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         journal_channel: AbstractRobustChannel = await self.connection.channel(publisher_confirms=True)  # type: ignore[assignment]
-        await journal_channel.set_qos(prefetch_count=1000)  # a stream consumer needs a prefetch
+        await journal_channel.set_qos(prefetch_count=500)  # a stream consumer needs a prefetch
         stream = await self._declare_queue(s.answers_queue, journal.ARGUMENTS, journal_channel)
         await self.journal.start(journal_channel, stream, self.replies)
         # Events: a connection of their own, without publisher confirms (a lost event fails nothing).

@@ -3,16 +3,18 @@ its replica died between sending the reply and acking the command answers with t
 (the same token), not a second one.
 
 The stream ``<command_queue>.answered`` is bound to the reply exchange for ``launch.*``, so every
-launch result the broker confirmed is in it, with the command's id in a header. Every replica
-(active or standby) reads it from ``WINDOW`` seconds ago on and keeps id → result in memory for that
-long. A redelivered launch first catches up (it publishes a marker to the stream and waits until it
-reads it back, so everything written before is read) and, when its command is recorded, answers
-with the recorded result instead of running again. Knows AMQP only.
+launch result the broker confirmed is in it, with the command's id in a header. Nothing reads it
+while all goes well: a redelivered launch (the only kind that can have been answered already)
+catches up first. It publishes a marker to the stream and reads, from where the last catch-up
+stopped (at first from ``WINDOW`` seconds ago), until the marker comes back, so everything written
+before is read; a recorded result is then sent again instead of running the launch. The many
+redeliveries of a failover share catch-ups. Knows AMQP only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -27,9 +29,10 @@ log = logging.getLogger(__name__)
 
 COMMAND_HEADER = "x-launcher-command"  # on results: the id of the command they answer
 MARKER_HEADER = "x-launcher-marker"
-# How long a result is looked for. A command comes back unacked within seconds of its replica's
-# death, unless no replica consumed for longer; then it runs again and answers anew.
-WINDOW = 900.0
+# How far back a first catch-up reads. A command comes back within seconds of its replica's death
+# (a minute or two if its host vanished), unless no replica consumed for longer; then it runs again
+# and answers anew.
+WINDOW = 600.0
 # The stream keeps results longer than any replica looks, in small segments: retention drops whole
 # segments, and the default segment (500 MB) would keep everything.
 ARGUMENTS: dict[str, object] = {
@@ -51,50 +54,77 @@ class Journal:
     def __init__(self, name: str) -> None:
         self.name = name  # the stream
         self.answers: OrderedDict[str, tuple[float, Answer]] = OrderedDict()
-        self.markers: dict[str, asyncio.Future[None]] = {}
         self.channel: AbstractRobustChannel | None = None
+        self.stream: AbstractQueue | None = None
+        self.next_offset: int | None = None  # where the next catch-up starts reading
+        self.lock = asyncio.Lock()
+        self.caught_up_from = -1.0  # loop time at which the last finished catch-up's marker was sent
 
     async def start(self, channel: AbstractRobustChannel, stream: AbstractQueue, replies: AbstractExchange) -> None:
-        """Bind the declared stream to the reply exchange and read it, on ``channel`` (confirming,
-        with a prefetch: a stream consumer needs one), from ``WINDOW`` ago."""
-        self.channel = channel
+        """Bind the declared stream to the reply exchange; it is read on ``channel`` (confirming,
+        with a prefetch: a stream consumer needs one) when a catch-up needs it."""
+        self.channel, self.stream = channel, stream
         await stream.bind(replies, "launch.*")
-        since = datetime.now(timezone.utc) - timedelta(seconds=WINDOW)
-        await stream.consume(self._on_entry, arguments={"x-stream-offset": since})
-
-    async def _on_entry(self, message: AbstractIncomingMessage) -> None:
-        headers = message.headers or {}
-        marker = headers.get(MARKER_HEADER)
-        command = headers.get(COMMAND_HEADER)
-        if isinstance(marker, (str, bytes)):
-            future = self.markers.pop(marker.decode() if isinstance(marker, bytes) else marker, None)
-            if future is not None and not future.done():
-                future.set_result(None)
-        elif isinstance(command, (str, bytes)):
-            key = command.decode() if isinstance(command, bytes) else command
-            now = time.monotonic()
-            self.answers[key] = (now, Answer(message.routing_key or "", message.correlation_id, message.body))
-            self.answers.move_to_end(key)
-            while self.answers and next(iter(self.answers.values()))[0] < now - WINDOW:
-                self.answers.popitem(last=False)
-        await message.ack()
 
     async def recorded(self, command_id: str) -> Answer | None:
         """The result recorded for ``command_id``, after reading everything written before this call;
         None if there is none (or the stream could not be read in time: the command runs again)."""
-        assert self.channel is not None
-        marker = secrets.token_hex(8)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.markers[marker] = future
         try:
-            await self.channel.default_exchange.publish(
-                aio_pika.Message(b"", headers={MARKER_HEADER: marker}), routing_key=self.name, timeout=CATCH_UP_TIMEOUT
-            )
-            await asyncio.wait_for(future, CATCH_UP_TIMEOUT)
+            await self._catch_up(asyncio.get_running_loop().time())
         except Exception as error:
             log.warning("answer journal not read in time (%s); the command runs again", type(error).__name__)
             return None
-        finally:
-            self.markers.pop(marker, None)
         entry = self.answers.get(command_id)
         return entry[1] if entry is not None else None
+
+    async def _catch_up(self, asked: float) -> None:
+        async with self.lock:
+            if self.caught_up_from > asked:
+                return  # a catch-up that began after this was asked has finished: it covers it
+            assert self.channel is not None and self.stream is not None
+            marker = secrets.token_hex(8)
+            seen: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            async def on_entry(message: AbstractIncomingMessage) -> None:
+                self._record(message, marker, seen)
+                await message.ack()
+
+            start: int | datetime = self.next_offset if self.next_offset is not None else (
+                datetime.now(timezone.utc) - timedelta(seconds=WINDOW)
+            )
+            sent = asyncio.get_running_loop().time()
+            await self.channel.default_exchange.publish(
+                aio_pika.Message(b"", headers={MARKER_HEADER: marker}), routing_key=self.name, timeout=CATCH_UP_TIMEOUT
+            )
+            tag = await self.stream.consume(on_entry, arguments={"x-stream-offset": start})
+            try:
+                await asyncio.wait_for(seen, CATCH_UP_TIMEOUT)
+            finally:
+                with contextlib.suppress(Exception):
+                    await self.stream.cancel(tag)
+            self.caught_up_from = sent
+
+    def _record(self, message: AbstractIncomingMessage, marker: str, seen: asyncio.Future[None]) -> None:
+        headers = message.headers or {}
+        offset = headers.get("x-stream-offset")
+        if isinstance(offset, int):
+            self.next_offset = max(self.next_offset or 0, offset + 1)
+        found = _text(headers.get(MARKER_HEADER))
+        command = _text(headers.get(COMMAND_HEADER))
+        if found is not None:
+            if found == marker and not seen.done():
+                seen.set_result(None)
+            return
+        if command is None:
+            return
+        now = time.monotonic()
+        self.answers[command] = (now, Answer(message.routing_key or "", message.correlation_id, message.body))
+        self.answers.move_to_end(command)
+        while self.answers and next(iter(self.answers.values()))[0] < now - WINDOW:
+            self.answers.popitem(last=False)
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode()
+    return value if isinstance(value, str) else None
