@@ -50,7 +50,7 @@ async def delete_topology(names: Names) -> None:
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel()
-        for queue in (names.command_queue, f"{names.command_queue}.dead"):
+        for queue in (names.command_queue, f"{names.command_queue}.dead", f"{names.command_queue}.answered"):
             await channel.queue_delete(queue)
         for exchange in (names.reply_exchange, names.events_exchange, f"{names.command_queue}.dlx"):
             await channel.exchange_delete(exchange)

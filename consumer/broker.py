@@ -1,9 +1,14 @@
 """RabbitMQ: the command queue, replies and events. Knows AMQP, nothing of JupyterHub.
 
 Topology (all durable):
-- ``<command_queue>``: quorum queue; rejected or too-often-redelivered commands are dead-lettered
-  (at-least-once) through the fanout exchange ``<command_queue>.dlx`` to ``<command_queue>.dead``.
-- ``reply_exchange`` (topic): result events, routing key ``<action>.ok`` / ``<action>.error``.
+- ``<command_queue>``: quorum queue with a single active consumer: any number of replicas consume
+  it, the broker delivers to one of them (the others stand by and take over, in the order they
+  subscribed, when it goes away), so commands for one server still run one after another. Rejected
+  or too-often-redelivered commands are dead-lettered (at-least-once) through the fanout exchange
+  ``<command_queue>.dlx`` to ``<command_queue>.dead``.
+- ``reply_exchange`` (topic): result events, routing key ``<action>.ok`` / ``<action>.error``, with
+  the command's id in a header. Launch results also go to the stream ``<command_queue>.answered``,
+  the answer journal (``journal.py``).
 - ``events_exchange`` (topic): lifecycle events, routing key = event type.
 RPC replies go to the default exchange with routing key = the command's ``reply_to``.
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 
@@ -33,7 +39,9 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import PublishError
 
+from . import journal
 from .config import Settings
+from .journal import Answer, Journal
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +53,24 @@ log = logging.getLogger(__name__)
 # stays bounded by the commands in flight and the event backlog.
 aiormq.Connection.FRAME_BUFFER_SIZE = 4096
 
+# After a lost connection aio-pika tries again at once, then every this many seconds (its default,
+# 5 s, is what a node's loss cost in the cluster test: through HAProxy the first try often still
+# reached the stopping node).
+RECONNECT_INTERVAL = 1.0
 PUBLISH_TIMEOUT = 30.0  # publishes block while the broker says the connection is blocked
 EVENT_BACKLOG = 10_000  # events waiting to be published; past it they are dropped, with a warning
 EVENT_FLUSH_TIMEOUT = 5.0  # at shutdown, how long the backlog gets to reach the broker
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 Render = Callable[[], bytes]  # an event's body, made when it is published
 Event = tuple[str, str | None, Render, str]  # routing key, correlation id, body, content type
+# RabbitMQ's text for a redeclaration with other arguments, e.g. "inequivalent arg
+# 'x-single-active-consumer' for queue 'q' in vhost '/': received the value 'true' of type 'bool'
+# but current is none".
+INEQUIVALENT_ARG = re.compile(r"inequivalent arg '([^']+)' for queue '([^']*)' in vhost '([^']*)': (.*)$")
+
+
+class QueueMismatch(Exception):
+    """A queue exists with other arguments than the launcher declares; the message says how to migrate."""
 
 
 class Broker:
@@ -61,12 +81,16 @@ class Broker:
         self.queue: AbstractQueue | None = None
         self.replies: AbstractExchange | None = None
         self.consumer_tag: str | None = None
+        # True once deliveries arrive: AMQP does not tell a single-active-consumer subscriber
+        # whether it is the active one or a standby, and a standby gets nothing.
+        self.active = False
         self.events_connection: AbstractRobustConnection | None = None
         self.events_channel: AbstractChannel | None = None
         self.events: AbstractExchange | None = None
         self.event_backlog: asyncio.Queue[Event] = asyncio.Queue(EVENT_BACKLOG)
         self.events_dropped = 0
         self.event_pump: asyncio.Task[None] | None = None
+        self.journal = Journal(settings.answers_queue)
 
     async def connect(self) -> None:
         s = self.settings
@@ -78,24 +102,29 @@ class Broker:
         dlx = await self.channel.declare_exchange(
             s.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
-        dead = await self.channel.declare_queue(
-            s.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
-        )
+        dead = await self._declare_queue(s.dead_letter_queue, {"x-queue-type": "quorum"})
         await dead.bind(dlx)
-        self.queue = await self.channel.declare_queue(
+        self.queue = await self._declare_queue(
             s.command_queue,
-            durable=True,
-            arguments={
+            {
                 "x-queue-type": "quorum",
                 "x-dead-letter-exchange": s.dead_letter_exchange,
                 "x-dead-letter-strategy": "at-least-once",
                 "x-overflow": "reject-publish",  # required by at-least-once dead-lettering
                 "x-delivery-limit": s.delivery_limit,
+                # Replicas: one consumes, the others stand by (per-server order needs one consumer).
+                "x-single-active-consumer": True,
             },
         )
+        # A consumer restored after a reconnect may have become a standby: active again on delivery.
+        self.connection.reconnect_callbacks.add(self._became_unknown)
         self.replies = await self.channel.declare_exchange(
             s.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
+        journal_channel: AbstractRobustChannel = await self.connection.channel(publisher_confirms=True)  # type: ignore[assignment]
+        await journal_channel.set_qos(prefetch_count=500)  # a stream consumer needs a prefetch
+        stream = await self._declare_queue(s.answers_queue, journal.ARGUMENTS, journal_channel)
+        await self.journal.start(journal_channel, stream, self.replies)
         # Events: a connection of their own, without publisher confirms (a lost event fails nothing).
         self.events_connection = await _connect(s, f"jupyterhub-launcher {s.command_queue} events")
         self.events_channel = await self.events_connection.channel(publisher_confirms=False)
@@ -104,14 +133,39 @@ class Broker:
         )
         self.event_pump = asyncio.create_task(self._pump_events())
 
+    async def _declare_queue(
+        self, name: str, arguments: dict[str, object], channel: AbstractChannel | None = None
+    ) -> AbstractQueue:
+        """Declare a durable queue; one that exists with other arguments stops start-up with a
+        ``QueueMismatch`` that says which argument and how to migrate, not a bare PRECONDITION_FAILED."""
+        assert self.connection is not None and self.channel is not None
+        try:
+            return await (channel or self.channel).declare_queue(name, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed as error:
+            await self.connection.close()  # the broker closed the channel; nothing to restore
+            raise QueueMismatch(_mismatch_message(name, arguments, str(error.args[0] if error.args else error))) from None
+
+    def _became_unknown(self, *_: object) -> None:
+        self.active = False
+
     async def consume(self, handler: Handler) -> None:
         assert self.queue is not None
-        self.consumer_tag = await self.queue.consume(handler)
+
+        async def on_delivery(message: AbstractIncomingMessage) -> None:
+            if not self.active:
+                self.active = True
+                log.info("active consumer of %s (other replicas stand by)", self.settings.command_queue)
+            await handler(message)
+
+        self.consumer_tag = await self.queue.consume(on_delivery)
 
     async def stop_consuming(self) -> None:
+        """Cancel the subscription: the broker hands the queue to the next replica at once, while
+        this one may still finish (and ack) what it was given."""
         if self.queue is not None and self.consumer_tag is not None:
             await self.queue.cancel(self.consumer_tag)
             self.consumer_tag = None
+        self.active = False
 
     async def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> bool:
         """RPC reply to ``reply_to`` (a named queue or ``amq.rabbitmq.reply-to``); False if it is gone."""
@@ -132,11 +186,17 @@ class Broker:
         # mandatory: a follow-up with no queue to go to must fail, not vanish.
         await _publish(self.channel, "", self.settings.command_queue, body, properties, mandatory=True)
 
-    async def publish_result(self, routing_key: str, correlation_id: str | None, body: bytes) -> None:
+    async def publish_result(self, routing_key: str, correlation_id: str | None, body: bytes, command_id: str) -> None:
+        """The result event; with the command's id, so that the answer journal records it."""
         assert self.channel is not None and self.replies is not None
         properties = _properties("application/json", correlation_id)
+        properties.headers = {journal.COMMAND_HEADER: command_id}
         # mandatory=False: nobody need be subscribed to results.
         await _publish(self.channel, self.replies.name, routing_key, body, properties, mandatory=False)
+
+    async def recorded_answer(self, command_id: str) -> Answer | None:
+        """The launch result already published for this command, if any (see ``journal.py``)."""
+        return await self.journal.recorded(command_id)
 
     def publish_event(self, routing_key: str, correlation_id: str | None, render: Render, content_type: str) -> None:
         """Queue a lifecycle event for publishing; events are published in the order queued.
@@ -196,7 +256,9 @@ async def _connect(settings: Settings, name: str) -> AbstractRobustConnection:
     interrupted (SIGTERM at start-up) is closed, instead of leaving its reconnection task running.
     """
     connection = aio_pika.RobustConnection(
-        settings.amqp_url.get_secret_value(), client_properties={"connection_name": name}
+        settings.amqp_url.get_secret_value(),
+        client_properties={"connection_name": name},
+        reconnect_interval=RECONNECT_INTERVAL,
     )
     try:
         await connection.connect(timeout=settings.amqp_connect_timeout)
@@ -232,6 +294,22 @@ async def _publish(
         mandatory=mandatory,
         timeout=PUBLISH_TIMEOUT,
         wait=wait_written,
+    )
+
+
+def _mismatch_message(name: str, arguments: dict[str, object], broker_text: str) -> str:
+    match = INEQUIVALENT_ARG.search(broker_text)
+    if match is None:
+        return f"queue {name!r} exists with other settings than this launcher declares ({broker_text})"
+    argument, _, vhost, difference = match.groups()
+    wanted = arguments.get(argument)
+    return (
+        f"queue {name!r} (vhost {vhost!r}) exists with another {argument!r} than this launcher declares"
+        f" ({wanted!r}): {difference}. Queue arguments cannot be changed in place. To migrate: let the"
+        f" running launcher empty it with publishers paused (rabbitmqctl list_queues name messages),"
+        f" stop every replica, delete it (rabbitmqctl delete_queue {name}) and start this version, which"
+        f" declares it anew; or point this version and the publishers at a new command_queue name."
+        f" See the README, 'Replicas and failover'."
     )
 
 

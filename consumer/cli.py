@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings)
 
+    from .broker import QueueMismatch
     from .service import serve  # the service's dependencies only when it runs
 
     # What start-up made (modules, classes, Pydantic schemas: ~50,000 objects) lives as long as the
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _run(serve(settings))
+    except QueueMismatch as error:  # a deployment mistake, named with how to migrate
+        print(f"jupyterhub-launcher: {error}", file=sys.stderr)
+        return 2
     except StartupError as error:
         log.error("%s", error)
         return 1

@@ -126,6 +126,11 @@ class Settings(BaseModel):
     def dead_letter_queue(self) -> str:
         return f"{self.command_queue}.dead"
 
+    @property
+    def answers_queue(self) -> str:
+        """The answer journal: a stream of launch results (see consumer/journal.py)."""
+        return f"{self.command_queue}.answered"
+
 
 def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from a YAML file (``None``: ``./config.yaml`` if present) and the environment."""

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import aiormq.exceptions
 
-from .broker import Broker
+from .broker import Broker, QueueMismatch
 from .config import Settings
 from .logs import mask_url
 
@@ -54,6 +54,9 @@ async def connect_broker(settings: Settings) -> Broker:
                 await broker.connect()
             return broker
         except asyncio.CancelledError:  # SIGTERM while connecting
+            await _close(broker)
+            raise
+        except QueueMismatch:  # its own message says what differs and how to migrate
             await _close(broker)
             raise
         except Exception as error:

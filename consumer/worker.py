@@ -38,6 +38,7 @@ from .broker import Broker
 from .cleanup import CleanUp
 from .config import Settings
 from .logs import bind_command
+from .journal import Answer
 from .workflows import CommandFailed, Workflows
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,18 @@ class Worker:
                 await self._invalid(run, message, error)
                 return
             bind_command(action=command.action, username=command.username, server_name=command.server_name)
+            if isinstance(command, LaunchCommand) and _redelivered(message):
+                # Its earlier run may have answered and died before the ack: answer the same.
+                answer = await self.broker.recorded_answer(key)
+                if answer is not None:
+                    log.info("launch %s was answered before its replica stopped; same answer again", key)
+                    await self._answer_again(run, message, key, answer)
+                    return
             # A read changes nothing: it need not wait for (or hold up) a launch or remove.
             ordered = not isinstance(command, ReadCommand)
             async with self.locks.hold((command.username, command.server_name)) if ordered else contextlib.nullcontext():
                 reply, dead_letter, follow_up = await self._execute(command, message, key)
-            await self._finish(run, message, reply, dead_letter, follow_up)
+            await self._finish(run, message, key, reply, dead_letter, follow_up)
         except asyncio.CancelledError:
             log.info("command %s interrupted by shutdown; requeued", key)
             await _settle(run, requeue=True)
@@ -165,7 +173,7 @@ class Worker:
             self._emit(command, message.correlation_id, event_type, data)
 
         # A redelivered command may have been run before: its launch revokes that run's token.
-        redelivered = bool(message.redelivered or (message.headers or {}).get("x-delivery-count"))
+        redelivered = _redelivered(message)
         try:
             result = await self.workflows.run(command, emit, key, redelivered)
             if isinstance(command, LaunchCommand) and command.ttl is not None and self.expiry is not None:
@@ -194,12 +202,13 @@ class Worker:
             server_name=str(fields.get("server_name", "")),
             error=ErrorInfo(code="invalid_command", message=text, details=problems),
         )
-        await self._finish(run, message, reply, dead_letter=True)
+        await self._finish(run, message, _identity(message), reply, dead_letter=True)
 
     async def _finish(
         self,
         run: _Run,
         message: AbstractIncomingMessage,
+        key: str,
         reply: Reply,
         dead_letter: bool,
         follow_up: CleanUp | None = None,
@@ -207,20 +216,34 @@ class Worker:
         """Answer, then settle: ack (or dead-letter) once the answer is confirmed, else requeue,
         so that the command runs again (at most ``delivery_limit`` times) rather than hang unacked.
         A follow-up is confirmed with the answer, before the ack: RabbitMQ keeps one or the other."""
-        if await self._answer(message, reply, follow_up):
+        if await self._answer(message, key, reply.routing_key, reply.model_dump_json().encode(), follow_up):
             await _settle(run, dead_letter=dead_letter)
         else:
             await _settle(run, requeue=True)
 
-    async def _answer(self, message: AbstractIncomingMessage, reply: Reply, follow_up: CleanUp | None = None) -> bool:
+    async def _answer_again(self, run: _Run, message: AbstractIncomingMessage, key: str, answer: Answer) -> None:
+        if await self._answer(message, key, answer.routing_key, answer.body):
+            await _settle(run)
+        else:
+            await _settle(run, requeue=True)
+
+    async def _answer(
+        self,
+        message: AbstractIncomingMessage,
+        key: str,
+        routing_key: str,
+        body: bytes,
+        follow_up: CleanUp | None = None,
+    ) -> bool:
         """Publish the reply and the result event (and a follow-up); False if the broker did not
         confirm them."""
-        body = reply.model_dump_json().encode()
         try:
             # Both confirmed before the ack, but waited for together: one broker round trip, not two.
-            publishes = [self.broker.publish_result(reply.routing_key, message.correlation_id, body)]
+            # The result goes first: the broker routes a channel's publishes in order, so a reply
+            # that reached its caller has its result in the answer journal.
+            publishes = [self.broker.publish_result(routing_key, message.correlation_id, body, key)]
             if message.reply_to:
-                publishes.insert(0, self.broker.reply(message.reply_to, message.correlation_id, body))
+                publishes.append(self.broker.reply(message.reply_to, message.correlation_id, body))
             if follow_up is not None:
                 publishes.append(self.broker.publish_command(follow_up.model_dump_json().encode(), FOLLOW_UP_TYPE))
             await asyncio.gather(*publishes)
@@ -289,3 +312,8 @@ def _loose_fields(body: bytes) -> dict[str, Any]:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _redelivered(message: AbstractIncomingMessage) -> bool:
+    """Whether the command may have been run before (quorum queues count deliveries in a header)."""
+    return bool(message.redelivered or (message.headers or {}).get("x-delivery-count"))

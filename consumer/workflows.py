@@ -93,6 +93,11 @@ class Workflows:
             with _hub_errors():
                 async with asyncio.timeout_at(deadline):
                     hub = self.hub.until(deadline)
+                    # A start still pending on the hub is another's launch (this replica runs one
+                    # command per server at a time): a previous replica finishing its commands
+                    # after a handover, or a user. Stopping now would cancel it and fail that
+                    # launch; the commands' order says it comes first, so let it settle.
+                    await _wait_start_settled(hub, command.username, command.server_name, self.settings)
                     # Nobody holds a running server after this: no launcher token for it stays valid
                     # (one would open the next server started under this name). Revoked while it
                     # stops, not after: the listing and revokes cost the caller no extra wait.
@@ -467,6 +472,14 @@ async def _wait_stopped(hub: HubClient, username: str, server_name: str, setting
 def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+async def _wait_start_settled(hub: HubClient, username: str, server_name: str, settings: Settings) -> None:
+    """Wait while the server's start is pending on the hub (ready or failed ends it)."""
+    delay = 0.1
+    while (server := await hub.get_server(username, server_name)) and server.get("pending") == "spawn":
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, settings.status_check_interval)
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ async def delete_topology(settings: Settings) -> None:
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel()
-        for queue in (settings.command_queue, settings.dead_letter_queue):
+        for queue in (settings.command_queue, settings.dead_letter_queue, settings.answers_queue):
             await channel.queue_delete(queue)
         for exchange in (settings.reply_exchange, settings.events_exchange, settings.dead_letter_exchange):
             await channel.exchange_delete(exchange)
