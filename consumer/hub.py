@@ -172,11 +172,6 @@ class HubClient:
         )
         return data["token"], data["id"]
 
-    async def list_tokens(self, username: str) -> list[dict[str, Any]]:
-        """The user's tokens' models (``id``, ``note``, ``expires_at``, …; never the token itself)."""
-        _, data = await self._request("GET", _user_path(username) + "/tokens", ok=(200,))
-        return list((data or {}).get("api_tokens") or [])
-
     async def revoke_token(self, username: str, token_id: str) -> None:
         await self._request(
             "DELETE", _user_path(username) + f"/tokens/{quote(token_id)}", ok=(204, 404)

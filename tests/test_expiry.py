@@ -8,7 +8,6 @@ import random
 import statistics
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime
 
 import aio_pika
 import aiohttp
