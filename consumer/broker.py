@@ -33,6 +33,7 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import PublishError
 
+from . import metrics
 from .config import Settings
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class Broker:
             s.amqp_url.get_secret_value(),
             client_properties={"connection_name": f"jupyterhub-launcher {s.command_queue}"},
         )
+        self.connection.reconnect_callbacks.add(_count_reconnect)
         # Returned (unroutable) replies raise, so a vanished reply queue is noticed, not ignored.
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)  # type: ignore[assignment]
         assert self.channel is not None
@@ -104,6 +106,7 @@ class Broker:
             s.amqp_url.get_secret_value(),
             client_properties={"connection_name": f"jupyterhub-launcher {s.command_queue} events"},
         )
+        self.events_connection.reconnect_callbacks.add(_count_reconnect)
         self.events_channel = await self.events_connection.channel(publisher_confirms=False)
         self.events = await self.events_channel.declare_exchange(
             s.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
@@ -118,6 +121,20 @@ class Broker:
         if self.queue is not None and self.consumer_tag is not None:
             await self.queue.cancel(self.consumer_tag)
             self.consumer_tag = None
+        metrics.ACTIVE_CONSUMER.set(0)
+
+    @property
+    def consuming(self) -> bool:
+        """Connected and registered as a consumer (active or standby) of the command queue."""
+        # ``connected`` is cleared while a robust connection is down and set again once it (and
+        # its channels, queues and consumers) are restored.
+        return (
+            self.consumer_tag is not None
+            and self.connection is not None
+            and self.connection.connected.is_set()
+            and self.channel is not None
+            and not self.channel.is_closed
+        )
 
     async def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> bool:
         """RPC reply to ``reply_to`` (a named queue or ``amq.rabbitmq.reply-to``); False if it is gone."""
@@ -146,6 +163,7 @@ class Broker:
             self.event_backlog.put_nowait((routing_key, correlation_id, render, content_type))
         except asyncio.QueueFull:
             self.events_dropped += 1
+            metrics.EVENTS_DROPPED.inc()
             if self.events_dropped % 1000 == 1:
                 log.warning("event backlog full (broker unreachable?): %d events dropped so far", self.events_dropped)
 
@@ -224,3 +242,7 @@ def _properties(content_type: str, correlation_id: str | None) -> aiormq.spec.Ba
         message_id=secrets.token_hex(16),
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
     )
+
+
+def _count_reconnect(connection: AbstractRobustConnection) -> None:
+    metrics.BROKER_RECONNECTS.inc()

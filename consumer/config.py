@@ -58,6 +58,9 @@ class Settings(BaseModel):
     delivery_limit: int = Field(5, gt=0)
     # Where lifecycle events say they come from (CloudEvents "source").
     event_source: str = "jupyterhub-launcher"
+    # /healthz, /readyz and /metrics (health.py); port 0 turns the endpoint off.
+    health_host: str = "0.0.0.0"
+    health_port: int = Field(8090, ge=0, le=65535)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -10,6 +10,7 @@ import aiohttp
 
 from .broker import Broker
 from .config import Settings
+from .health import HubCheck, serving_health
 from .hub import HubClient
 from .worker import Worker
 from .workflows import Workflows
@@ -28,12 +29,20 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     # The hub may be asked for hundreds of progress streams at once: no per-host connection cap.
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    # The health endpoint comes up first, so that a probe sees "alive, not ready" while the rest starts.
+    async with (
+        serving_health(settings.health_host, settings.health_port) as health,
+        aiohttp.ClientSession(connector=connector) as session,
+    ):
         hub = HubClient(session, settings.hub_api_url, settings.jupyterhub_api_token.get_secret_value())
+        hub_check = HubCheck(hub)
         broker = Broker(settings)
         await broker.connect()
         worker = Worker(settings, broker, Workflows(hub, settings))
         await broker.consume(worker.on_message)
+        if health is not None:
+            health.broker, health.hub_check = broker, hub_check
+            hub_check.start()
         log.info(
             "consuming %s (hub %s, %s event loop)",
             settings.command_queue,
@@ -49,6 +58,7 @@ async def serve(
             await broker.stop_consuming()
             await worker.drain(settings.shutdown_grace)
             await broker.close()
+            await hub_check.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
     log.info("stopped")

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,6 +35,7 @@ from schemas import (
     parse_command,
 )
 
+from . import metrics
 from .broker import Broker
 from .config import Settings
 from .workflows import CommandFailed, Workflows
@@ -46,6 +48,7 @@ class _Run:
     """A command being handled, with every delivery of it that waits for its outcome."""
 
     deliveries: list[AbstractIncomingMessage]
+    started: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -79,6 +82,8 @@ class Worker:
         self.locks = KeyedLocks()
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
+        # Only the single active consumer gets deliveries: receiving one is how a replica knows.
+        metrics.ACTIVE_CONSUMER.set(1)
         key = _identity(message)
         run = self.runs.get(key)
         if run is not None:
@@ -91,6 +96,7 @@ class Worker:
         task.add_done_callback(self.tasks.discard)
 
     async def _handle(self, key: str, run: _Run, message: AbstractIncomingMessage) -> None:
+        metrics.IN_FLIGHT.inc()
         try:
             try:
                 command = parse_command(message.body)
@@ -108,6 +114,7 @@ class Worker:
             raise
         finally:
             self.runs.pop(key, None)
+            metrics.IN_FLIGHT.dec()
 
     async def _execute(
         self, command: LaunchCommand | RemoveCommand | ReadCommand, message: AbstractIncomingMessage
@@ -150,6 +157,9 @@ class Worker:
         """Answer, then settle: ack (or dead-letter) once the answer is confirmed, else requeue,
         so that the command runs again (at most ``delivery_limit`` times) rather than hang unacked."""
         if await self._answer(message, reply):
+            action = reply.action if reply.action in ACTIONS else "invalid"
+            metrics.COMMANDS.labels(action, reply.error.code if reply.error else "ok").inc()
+            metrics.COMMAND_DURATION.labels(action).observe(time.monotonic() - run.started)
             await _settle(run, dead_letter=dead_letter)
         else:
             await _settle(run, requeue=True)
