@@ -71,11 +71,7 @@ class Broker:
 
     async def connect(self) -> None:
         s = self.settings
-        self.connection = await aio_pika.connect_robust(
-            s.amqp_url.get_secret_value(),
-            client_properties={"connection_name": f"jupyterhub-launcher {s.command_queue}"},
-        )
-        self.connection.reconnect_callbacks.add(_count_reconnect)
+        self.connection = await _connect(s, f"jupyterhub-launcher {s.command_queue}")
         # Returned (unroutable) replies raise, so a vanished reply queue is noticed, not ignored.
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)  # type: ignore[assignment]
         assert self.channel is not None
@@ -102,11 +98,7 @@ class Broker:
             s.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         # Events: a connection of their own, without publisher confirms (a lost event fails nothing).
-        self.events_connection = await aio_pika.connect_robust(
-            s.amqp_url.get_secret_value(),
-            client_properties={"connection_name": f"jupyterhub-launcher {s.command_queue} events"},
-        )
-        self.events_connection.reconnect_callbacks.add(_count_reconnect)
+        self.events_connection = await _connect(s, f"jupyterhub-launcher {s.command_queue} events")
         self.events_channel = await self.events_connection.channel(publisher_confirms=False)
         self.events = await self.events_channel.declare_exchange(
             s.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
@@ -203,6 +195,24 @@ class Broker:
         for connection in (self.events_connection, self.connection):
             if connection is not None:
                 await connection.close()
+
+
+async def _connect(settings: Settings, name: str) -> AbstractRobustConnection:
+    """A robust connection, or the error of its first attempt within ``amqp_connect_timeout``.
+
+    Made here rather than by ``aio_pika.connect_robust`` so that an attempt that fails or is
+    interrupted (SIGTERM at start-up) is closed, instead of leaving its reconnection task running.
+    """
+    connection = aio_pika.RobustConnection(
+        settings.amqp_url.get_secret_value(), client_properties={"connection_name": name}
+    )
+    try:
+        await connection.connect(timeout=settings.amqp_connect_timeout)
+    except BaseException:
+        await connection.close()
+        raise
+    connection.reconnect_callbacks.add(_count_reconnect)
+    return connection
 
 
 async def _publish(

@@ -10,30 +10,35 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from . import __version__, logs
 from .config import ConfigError, Settings, load_settings
+from .logs import CHATTY_LOGGERS
 
-# These log whole AMQP frames, message bodies (user tokens) included, at DEBUG.
-CHATTY_LOGGERS = ("aio_pika", "aiormq", "pamqp")
+__all__ = ["CHATTY_LOGGERS", "configure_logging", "main"]
+DESCRIPTION = (
+    "Start, read and stop users' Jupyter servers through JupyterHub, on commands from RabbitMQ. "
+    "Configuration: a YAML file and LAUNCHER_<KEY> environment variables."
+)
+log = logging.getLogger(__name__)
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
-    for name in CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(max(settings.log_level, logging.INFO))
+    logs.configure(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jupyterhub-launcher", description=__doc__)
+    parser = argparse.ArgumentParser(prog="jupyterhub-launcher", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="consume launch/remove/read commands")
+    run = commands.add_parser(
+        "run",
+        help="consume launch/remove/read commands",
+        description="Consume launch, remove and read commands until SIGTERM or SIGINT.",
+    )
     run.add_argument("--config", default=None, help="YAML config file (default: ./config.yaml if present)")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.configure()  # until the settings say otherwise: text at INFO, secrets redacted
     try:
         settings = load_settings(args.config)
     except ConfigError as error:
@@ -49,7 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
 
-    _run(serve(settings))
+    from .startup import StartupError
+
+    try:
+        _run(serve(settings))
+    except StartupError as error:
+        log.error("%s", error)
+        return 1
+    except KeyboardInterrupt:  # SIGINT before the service's own handler was in place
+        return 130
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 from urllib.parse import urlsplit
 
 import yaml
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # existing config file keeps working.
 LEGACY_KEYS = ("host", "port", "debug", "jupyterhub_service_prefix")
 ENV_PREFIX = "LAUNCHER_"
+KNOWN_SCHEMES = ("http", "https", "ws", "wss", "redis", "rediss", "tcp", "ssl", "tls", "file")
 
 
 class ConfigError(Exception):
@@ -37,9 +38,11 @@ class ConfigError(Exception):
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Inputs stay out of validation errors: the AMQP URL and the token are secrets.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     log_level: int = logging.INFO
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, for log search
     jupyterhub_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8000")
     jupyterhub_api_prefix: str = "/hub/api"
     jupyterhub_api_token: SecretStr = SecretStr("")
@@ -48,6 +51,10 @@ class Settings(BaseModel):
     status_check_interval: float = Field(2.0, gt=0)
     status_check_count: int = Field(150, gt=0)
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    # Each start-up attempt to reach the broker gives up after this many seconds.
+    amqp_connect_timeout: float = Field(10.0, gt=0)
+    # How often the hub's address and token are checked (first at start-up).
+    hub_check_interval: float = Field(30.0, gt=0)
     command_queue: str = Field("launcher.commands", min_length=1)
     reply_exchange: str = Field("launcher.replies", min_length=1)
     events_exchange: str = Field("launcher.events", min_length=1)
@@ -71,6 +78,24 @@ class Settings(BaseModel):
                 raise ValueError(f"{value!r} is not a log level (DEBUG, INFO, WARNING, ERROR or a number)")
             return level
         return int(value)
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        # Messages here never quote the URL: it holds the password.
+        url = value.get_secret_value()
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+        except ValueError:
+            raise ValueError("is not a URL (amqp://user:password@host:port/vhost)") from None
+        if parts.scheme not in ("amqp", "amqps"):
+            # Named only when it is a well-known one: what precedes a colon may be a user or password.
+            found = f" (found {parts.scheme}://)" if parts.scheme in KNOWN_SCHEMES else ""
+            raise ValueError(f"must start with amqp:// or amqps://{found}")
+        if not parts.hostname:
+            raise ValueError("names no host (amqp://user:password@host:port/vhost)")
+        return value
 
     @field_validator("jupyterhub_api_prefix")
     @classmethod

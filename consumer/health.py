@@ -2,8 +2,8 @@
 
 - ``/healthz`` (liveness): answered by the event loop itself, so a stuck loop fails it.
 - ``/readyz`` (readiness): 200 while connected to the broker and registered on the command queue
-  (active or standby: a standby is ready to take over) and the hub answered its last check; 503 with
-  a JSON reason otherwise.
+  (active or standby: a standby is ready to take over) and the hub passed its last check
+  (``hubcheck.py``, every ``hub_check_interval``); 503 with a JSON reason otherwise.
 - ``/metrics``: Prometheus text format (see ``metrics.py`` for the names).
 
 It only reads the broker's and the hub check's state; it never acts on them.
@@ -11,7 +11,6 @@ It only reads the broker's and the hub check's state; it never acts on them.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -20,58 +19,14 @@ from typing import Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from .hub import HubClient, HubError, HubUnavailable
+from .hubcheck import HubCheck
 
 log = logging.getLogger(__name__)
-
-HUB_CHECK_INTERVAL = 10.0  # seconds between checks; a probe reads the last result, never waits
-HUB_CHECK_TIMEOUT = 5.0  # a check that takes longer counts as failed
 
 
 class Consuming(Protocol):
     @property
     def consuming(self) -> bool: ...
-
-
-class HubCheck:
-    """Asks the hub for its version every ``interval`` seconds and keeps the last outcome."""
-
-    def __init__(self, hub: HubClient, interval: float | None = None) -> None:
-        self.hub = hub
-        self.interval = HUB_CHECK_INTERVAL if interval is None else interval
-        self.problem: str | None = "not checked yet"
-        self._task: asyncio.Task[None] | None = None
-
-    async def check(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await self.hub.until(loop.time() + HUB_CHECK_TIMEOUT).version()
-        except (HubUnavailable, HubError) as error:
-            problem = f"JupyterHub did not answer its check: {error}"
-        except Exception as error:  # an answer that is not the hub's (a proxy's page, say)
-            problem = f"JupyterHub's answer to its check was not understood ({type(error).__name__})"
-        else:
-            problem = None
-        if problem != self.problem:
-            if problem is None:
-                log.info("JupyterHub answers its checks again")
-            else:
-                log.warning("%s", problem)
-        self.problem = problem
-
-    async def _run(self) -> None:
-        while True:
-            await self.check()
-            await asyncio.sleep(self.interval)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
 
 class HealthServer:
@@ -104,10 +59,10 @@ class HealthServer:
         problems = []
         if self.broker is None or not self.broker.consuming:
             problems.append("not connected to RabbitMQ and consuming the command queue")
-        if self.hub_check is None:
+        if self.hub_check is None or self.hub_check.ok is None:
             problems.append("JupyterHub not checked yet")
         elif self.hub_check.problem is not None:
-            problems.append(self.hub_check.problem)
+            problems.append(f"JupyterHub: {self.hub_check.problem}")
         return problems
 
     async def healthz(self, request: web.Request) -> web.Response:

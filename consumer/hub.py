@@ -123,6 +123,11 @@ class HubClient:
         _, data = await self._request("GET", "/")
         return str(data["version"])
 
+    async def whoami(self) -> dict[str, Any]:
+        """The model of the token's owner (a service or a user), with the token's scopes."""
+        _, data = await self._request("GET", "/user")
+        return data if isinstance(data, dict) else {}
+
     async def ensure_user(self, username: str) -> None:
         await self._request("POST", _user_path(username), ok=(201, 409))
 

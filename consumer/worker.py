@@ -38,6 +38,7 @@ from schemas import (
 from . import metrics
 from .broker import Broker
 from .config import Settings
+from .logs import bind_command
 from .workflows import CommandFailed, Workflows
 
 log = logging.getLogger(__name__)
@@ -97,12 +98,14 @@ class Worker:
 
     async def _handle(self, key: str, run: _Run, message: AbstractIncomingMessage) -> None:
         metrics.IN_FLIGHT.inc()
+        bind_command(correlation_id=message.correlation_id, message_id=message.message_id)  # this task's log lines
         try:
             try:
                 command = parse_command(message.body)
             except ValidationError as error:
                 await self._invalid(run, message, error)
                 return
+            bind_command(action=command.action, username=command.username, server_name=command.server_name)
             # A read changes nothing: it need not wait for (or hold up) a launch or remove.
             ordered = not isinstance(command, ReadCommand)
             async with self.locks.hold((command.username, command.server_name)) if ordered else contextlib.nullcontext():

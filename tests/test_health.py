@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from consumer import health
 from consumer.metrics import hub_route
 from tests.conftest import AMQP_URL, Client, delete_topology, make_settings, running_service
 from tests.support.localhub import LocalHub, free_port
@@ -59,9 +58,8 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 async def test_readyz_follows_the_broker_and_the_hub_going_away_and_coming_back(
-    hub: LocalHub, cuts: tuple[TcpCut, TcpCut], monkeypatch: pytest.MonkeyPatch
+    hub: LocalHub, cuts: tuple[TcpCut, TcpCut]
 ) -> None:
-    monkeypatch.setattr(health, "HUB_CHECK_INTERVAL", 0.5)
     to_broker, to_hub = cuts
     port = free_port()
     settings = make_settings(
@@ -70,6 +68,7 @@ async def test_readyz_follows_the_broker_and_the_hub_going_away_and_coming_back(
         health_host="127.0.0.1",
         amqp_url=f"amqp://guest:guest@127.0.0.1:{to_broker.port}/",
         jupyterhub_url=f"http://127.0.0.1:{to_hub.port}",
+        hub_check_interval=0.5,
     )
     try:
         async with running_service(settings):

@@ -20,7 +20,11 @@ import aiohttp
 from tests.support.localhub import ROOT, LocalHub
 
 AMQP_URL = os.environ.get("LAUNCHER_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-QUEUE = "demo.launcher.commands"
+# The demo's queues and exchanges, all named after this (a test runs it under a name of its own).
+PREFIX = os.environ.get("DEMO_PREFIX", "demo.launcher")
+QUEUE = f"{PREFIX}.commands"
+QUEUES = (QUEUE, f"{QUEUE}.dead")
+EXCHANGES = (f"{PREFIX}.replies", f"{PREFIX}.events", f"{QUEUE}.dlx")
 
 
 async def rpc(channel: aio_pika.abc.AbstractChannel, command: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
@@ -64,8 +68,8 @@ async def demo(hub: LocalHub) -> None:
         "LAUNCHER_JUPYTERHUB_API_TOKEN": hub.token,
         "LAUNCHER_AMQP_URL": AMQP_URL,
         "LAUNCHER_COMMAND_QUEUE": QUEUE,
-        "LAUNCHER_REPLY_EXCHANGE": "demo.launcher.replies",
-        "LAUNCHER_EVENTS_EXCHANGE": "demo.launcher.events",
+        "LAUNCHER_REPLY_EXCHANGE": EXCHANGES[0],
+        "LAUNCHER_EVENTS_EXCHANGE": EXCHANGES[1],
     }
     # Its own session: Ctrl-C reaches the demo only, which removes the server before stopping it.
     launcher = subprocess.Popen(
@@ -106,11 +110,22 @@ async def demo(hub: LocalHub) -> None:
             await stop.wait()
             print(">>> removing the server", flush=True)
             print(await rpc(channel, {"action": "remove", "username": "demo"}), flush=True)
-            for queue in (QUEUE, QUEUE + ".dead"):
-                await channel.queue_delete(queue)
     finally:
         launcher.send_signal(signal.SIGTERM)
-        launcher.wait(60)
+        await asyncio.to_thread(launcher.wait, 60)
+        await delete_topology()
+
+
+async def delete_topology() -> None:
+    """The durable queues and exchanges the launcher declared: the demo leaves nothing behind."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        for queue in QUEUES:
+            await channel.queue_delete(queue)
+        for exchange in EXCHANGES:
+            await channel.exchange_delete(exchange)
+    print(f">>> deleted {', '.join(QUEUES + EXCHANGES)}", flush=True)
 
 
 def main() -> None:

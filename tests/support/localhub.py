@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,8 +120,24 @@ class LocalHub:
         self.stop()
         self.start()
 
+    def close(self) -> None:
+        """Stop the hub and remove its state directory now."""
+        self.stop()
+        self._remove_state()
+
+    def __post_init__(self) -> None:
+        # The state directory (database, log, servers' homes) goes when this object does, or at the
+        # latest when the process exits: not at ``stop``, since a stopped hub may be started again
+        # on the same state, and tests read its log after it stopped. LOCALHUB_KEEP=1 keeps it.
+        self._remove_state = weakref.finalize(self, _remove_state_dir, self.state_dir)
+
     def __enter__(self) -> LocalHub:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _remove_state_dir(path: Path) -> None:
+    if not os.environ.get("LOCALHUB_KEEP"):
+        shutil.rmtree(path, ignore_errors=True)
