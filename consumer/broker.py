@@ -39,7 +39,7 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import PublishError
 
-from . import journal
+from . import journal, metrics
 from .config import Settings
 from .journal import Answer, Journal
 
@@ -83,7 +83,7 @@ class Broker:
         self.consumer_tag: str | None = None
         # True once deliveries arrive: AMQP does not tell a single-active-consumer subscriber
         # whether it is the active one or a standby, and a standby gets nothing.
-        self.active = False
+        self._active = False
         self.events_connection: AbstractRobustConnection | None = None
         self.events_channel: AbstractChannel | None = None
         self.events: AbstractExchange | None = None
@@ -145,6 +145,15 @@ class Broker:
             await self.connection.close()  # the broker closed the channel; nothing to restore
             raise QueueMismatch(_mismatch_message(name, arguments, str(error.args[0] if error.args else error))) from None
 
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active = value
+        metrics.ACTIVE_CONSUMER.set(int(value))
+
     def _became_unknown(self, *_: object) -> None:
         self.active = False
 
@@ -166,6 +175,19 @@ class Broker:
             await self.queue.cancel(self.consumer_tag)
             self.consumer_tag = None
         self.active = False
+
+    @property
+    def consuming(self) -> bool:
+        """Connected and registered as a consumer (active or standby) of the command queue."""
+        # ``connected`` is cleared while a robust connection is down and set again once it (and
+        # its channels, queues and consumers) are restored.
+        return (
+            self.consumer_tag is not None
+            and self.connection is not None
+            and self.connection.connected.is_set()
+            and self.channel is not None
+            and not self.channel.is_closed
+        )
 
     async def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> bool:
         """RPC reply to ``reply_to`` (a named queue or ``amq.rabbitmq.reply-to``); False if it is gone."""
@@ -208,6 +230,7 @@ class Broker:
             self.event_backlog.put_nowait((routing_key, correlation_id, render, content_type))
         except asyncio.QueueFull:
             self.events_dropped += 1
+            metrics.EVENTS_DROPPED.inc()
             if self.events_dropped % 1000 == 1:
                 log.warning("event backlog full (broker unreachable?): %d events dropped so far", self.events_dropped)
 
@@ -265,6 +288,7 @@ async def _connect(settings: Settings, name: str) -> AbstractRobustConnection:
     except BaseException:
         await connection.close()
         raise
+    connection.reconnect_callbacks.add(_count_reconnect)
     return connection
 
 
@@ -321,3 +345,7 @@ def _properties(content_type: str, correlation_id: str | None) -> aiormq.spec.Ba
         message_id=secrets.token_hex(16),
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
     )
+
+
+def _count_reconnect(connection: AbstractRobustConnection) -> None:
+    metrics.BROKER_RECONNECTS.inc()

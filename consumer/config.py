@@ -70,6 +70,9 @@ class Settings(BaseModel):
     # Shared with the hub's spawner (its launcher_signing_key): signs the options of each launch, so
     # that the spawner can refuse options that users post with their own tokens.
     spawner_signing_key: SecretStr = SecretStr("")
+    # /healthz, /readyz and /metrics (health.py); port 0 turns the endpoint off.
+    health_host: str = "0.0.0.0"
+    health_port: int = Field(8090, ge=0, le=65535)
 
     @field_validator("log_level", mode="before")
     @classmethod

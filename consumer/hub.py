@@ -18,11 +18,14 @@ import dataclasses
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+
+from . import metrics
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +85,12 @@ class HubClient:
     ) -> tuple[int, Any]:
         """``(status, json or None)``; raises HubError for statuses outside ``ok``."""
         attempt = 0
+        route = metrics.hub_route(path)
         while True:
             attempt += 1
             delay: float | None = None
+            sent = time.monotonic()
+            status = "error"  # no answer (connection failed or timed out)
             try:
                 async with self.session.request(
                     method,
@@ -93,6 +99,7 @@ class HubClient:
                     headers=self._headers,
                     timeout=REQUEST_TIMEOUT,
                 ) as response:
+                    status = str(response.status)
                     data = await _read_json(response)
                     if _not_routed(response.status, data):
                         # Checked before ``ok``: a proxy's 404 is not the hub's "no such thing".
@@ -111,6 +118,9 @@ class HubClient:
                         failure = f"{response.status} {message}"
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as error:
                 failure = f"{type(error).__name__}: {error}"
+            finally:
+                metrics.HUB_REQUESTS.labels(method, route, status).inc()
+                metrics.HUB_REQUEST_DURATION.labels(method, route).observe(time.monotonic() - sent)
             if delay is None:
                 delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (attempt - 1))
                 delay = random.uniform(delay / 2, delay)
@@ -192,11 +202,14 @@ class HubClient:
         HubUnavailable (a proxy's 404: no route to the hub) or the connection's errors; a stream
         that ends early just stops iterating.
         """
+        path = _path(username, server_name) + "/progress"
         async with self.session.get(
-            self.api_url + _path(username, server_name) + "/progress",
+            self.api_url + path,
             headers={**self._headers, "Accept": "text/event-stream"},
             timeout=STREAM_TIMEOUT,
         ) as response:
+            # Counted when answered; a stream's duration says nothing of the hub's load, so none.
+            metrics.HUB_REQUESTS.labels("GET", metrics.hub_route(path), str(response.status)).inc()
             if response.status != 200:
                 data = await _read_json(response)
                 if _not_routed(response.status, data):

@@ -13,6 +13,7 @@ import aiohttp
 
 from .config import Settings
 from .expiry import Expiry
+from .health import serving_health
 from .hub import HubClient
 from .hubcheck import HubCheck
 from .startup import connect_broker
@@ -36,10 +37,17 @@ async def serve(
     try:
         # The hub may be asked for hundreds of progress streams at once: no per-host connection cap.
         connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        # The health endpoint comes up first, so that a probe sees "alive, not ready" meanwhile.
+        async with (
+            serving_health(settings.health_host, settings.health_port) as health,
+            aiohttp.ClientSession(connector=connector) as session,
+        ):
             hub = HubClient(session, settings.hub_api_url, settings.jupyterhub_api_token.get_secret_value())
             # Checked while the broker is reached, then every hub_check_interval: logged, not fatal.
-            hub_check = asyncio.create_task(HubCheck(hub, settings).run())
+            hub_check = HubCheck(hub, settings)
+            hub_checking = asyncio.create_task(hub_check.run())
+            if health is not None:
+                health.hub_check = hub_check
             try:
                 broker = await _unless_stopped(connect_broker(settings), stop)
                 if broker is None:
@@ -49,6 +57,8 @@ async def serve(
                 worker.expiry = expiry = Expiry(settings, broker, hub, worker.workflows, worker.locks)
                 await expiry.start()
                 await broker.consume(worker.on_message)
+                if health is not None:
+                    health.broker = broker
                 log.info(
                     "consuming %s (hub %s, %s event loop)",
                     settings.command_queue,
@@ -66,7 +76,7 @@ async def serve(
                     await worker.drain(settings.shutdown_grace)
                     await broker.close()
             finally:
-                await _cancel(hub_check)
+                await _cancel(hub_checking)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

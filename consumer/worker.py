@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,6 +35,7 @@ from schemas import (
     parse_command,
 )
 
+from . import metrics
 from .broker import Broker
 from .cleanup import CleanUp
 from .config import Settings
@@ -55,6 +57,7 @@ class _Run:
     """A command being handled, with every delivery of it that waits for its outcome."""
 
     deliveries: list[AbstractIncomingMessage]
+    started: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Worker:
         task.add_done_callback(self.tasks.discard)
 
     async def _handle(self, key: str, run: _Run, message: AbstractIncomingMessage) -> None:
+        metrics.IN_FLIGHT.inc()
         bind_command(correlation_id=message.correlation_id, message_id=message.message_id)  # this task's log lines
         try:
             try:
@@ -128,6 +132,7 @@ class Worker:
             raise
         finally:
             self.runs.pop(key, None)
+            metrics.IN_FLIGHT.dec()
 
     async def _follow_up(self, key: str, run: _Run, message: AbstractIncomingMessage) -> None:
         """Run a follow-up clean-up, in turn with the commands for its server; when the hub is still
@@ -217,6 +222,9 @@ class Worker:
         so that the command runs again (at most ``delivery_limit`` times) rather than hang unacked.
         A follow-up is confirmed with the answer, before the ack: RabbitMQ keeps one or the other."""
         if await self._answer(message, key, reply.routing_key, reply.model_dump_json().encode(), follow_up):
+            action = reply.action if reply.action in ACTIONS else "invalid"
+            metrics.COMMANDS.labels(action, reply.error.code if reply.error else "ok").inc()
+            metrics.COMMAND_DURATION.labels(action).observe(time.monotonic() - run.started)
             await _settle(run, dead_letter=dead_letter)
         else:
             await _settle(run, requeue=True)

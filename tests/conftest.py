@@ -18,6 +18,9 @@ from consumer.service import serve
 from tests.support.localhub import LocalHub
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# Many services run side by side in the tests (in this process and as subprocesses that inherit
+# this environment): none takes the default health port unless a test gives it one.
+os.environ.setdefault("LAUNCHER_HEALTH_PORT", "0")
 
 
 def unique(prefix: str) -> str:
@@ -43,6 +46,7 @@ def make_settings(hub: LocalHub, **overrides: Any) -> Settings:
         "launch_timeout": 60,
         "shutdown_grace": 5,
         "status_check_interval": 0.5,
+        "health_port": 0,
         **overrides,
     }
     return Settings.model_validate(values)
