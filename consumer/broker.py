@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 # answered at once, replies waited there: overhead p95 at N = 200 in the benchmark 169–323 ms,
 # against 39–89 ms with it raised.
 # aio-pika offers no way to pass it, so the class default is raised for our connections; memory
-# stays bounded by the commands in flight and the event backlog.
+# stays bounded by the commands in flight and the event backlog. Not a documented setting: the
+# versions are pinned in pyproject.toml and tests/test_library_internals.py fails if it stops working.
 aiormq.Connection.FRAME_BUFFER_SIZE = 4096
 
 PUBLISH_TIMEOUT = 30.0  # publishes block while the broker says the connection is blocked
