@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 # answered at once, replies waited there: overhead p95 at N = 200 in the benchmark 169–323 ms,
 # against 39–89 ms with it raised.
 # aio-pika offers no way to pass it, so the class default is raised for our connections; memory
-# stays bounded by the commands in flight and the event backlog.
+# stays bounded by the commands in flight and the event backlog. Not a documented setting: the
+# versions are pinned in pyproject.toml and tests/test_library_internals.py fails if it stops working.
 aiormq.Connection.FRAME_BUFFER_SIZE = 4096
 
 # After a lost connection aio-pika tries again at once, then every this many seconds (its default,
