@@ -102,7 +102,7 @@ class Client:
         self.event_messages: list[aio_pika.abc.AbstractIncomingMessage] = []
 
     async def __aenter__(self) -> Client:
-        self.connection = await aio_pika.connect_robust(AMQP_URL)
+        self.connection = await aio_pika.connect_robust(self.settings.amqp_url.get_secret_value())
         self.channel = await self.connection.channel(on_return_raises=True)
         if self.durable_replies:
             # Outlives a broker restart: a reply sent before this client has reconnected waits for it.
