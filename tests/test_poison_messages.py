@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from consumer import worker
 from consumer.config import Settings
 from tests.conftest import Client, delete_topology, make_settings, running_service, unique
 from tests.support.localhub import LocalHub
@@ -110,3 +111,38 @@ async def test_a_copy_from_another_caller_joins_the_running_command_and_both_are
     assert [e["type"] for e in client.events_for(first)].count("launch.accepted") == 1
     assert not [e for e in client.events_for(second) if e["type"] == "launch.accepted"]
 
+
+
+async def test_a_bug_on_the_reply_path_still_answers_internal_error_and_dead_letters(
+    service: None, client: Client, settings: Settings, username: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(error: object) -> list[dict[str, str]]:
+        raise RuntimeError("a bug in describing the errors")
+
+    monkeypatch.setattr(worker, "describe_errors", broken)  # the one way to have a bug on demand
+    reply = await client.call(b'{"action": "read"}', timeout=30)
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "internal_error", reply
+    dead = await dead_letters(settings, expected=1)
+    assert [m.body for m in dead] == [b'{"action": "read"}']
+
+    monkeypatch.undo()
+    ok = await client.call({"action": "launch", "username": username, "image": "standin"}, timeout=60)
+    assert ok["ok"] is True, ok
+
+
+async def test_a_command_that_cannot_even_be_answered_is_dead_lettered_without_a_reply(
+    service: None, client: Client, settings: Settings, username: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unserialisable(reply: object) -> bytes:
+        raise RuntimeError("a bug in serialising the reply")
+
+    monkeypatch.setattr(worker.Reply, "body", unserialisable)
+    correlation_id = await client.send(b'{"action": "read"}')
+    dead = await dead_letters(settings, expected=1)
+    assert [m.body for m in dead] == [b'{"action": "read"}']
+    assert not client.replies[correlation_id].done()
+
+    monkeypatch.undo()
+    ok = await client.call({"action": "launch", "username": username, "image": "standin"}, timeout=60)
+    assert ok["ok"] is True, ok
