@@ -33,6 +33,7 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import PublishError
 
+from . import amqp_decoding
 from .config import Settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 # aio-pika offers no way to pass it, so the class default is raised for our connections; memory
 # stays bounded by the commands in flight and the event backlog.
 aiormq.Connection.FRAME_BUFFER_SIZE = 4096
+# A message with properties that are not UTF-8 would otherwise drop the connection, again and again.
+amqp_decoding.install()
 
 PUBLISH_TIMEOUT = 30.0  # publishes block while the broker says the connection is blocked
 EVENT_BACKLOG = 10_000  # events waiting to be published; past it they are dropped, with a warning

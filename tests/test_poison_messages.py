@@ -4,11 +4,14 @@ numbers no cluster takes are refused by the schema; copies join a command only w
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import AsyncIterator
 
+import aiormq
+import pamqp.encode
 import pytest
 
-from consumer import worker
+from consumer import amqp_decoding, worker
 from consumer.config import Settings
 from tests.conftest import Client, delete_topology, make_settings, running_service, unique
 from tests.support.localhub import LocalHub
@@ -146,3 +149,46 @@ async def test_a_command_that_cannot_even_be_answered_is_dead_lettered_without_a
     monkeypatch.undo()
     ok = await client.call({"action": "launch", "username": username, "image": "standin"}, timeout=60)
     assert ok["ok"] is True, ok
+
+
+async def test_properties_that_are_not_utf8_are_answered_without_dropping_the_connection(
+    service: None, client: Client, settings: Settings, username: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Other AMQP clients can put any bytes in short strings; let this publisher do it too.
+    strict = pamqp.encode._string
+
+    def as_given(encoder: struct.Struct, value: str | bytes) -> bytes:
+        return encoder.pack(len(value)) + value if isinstance(value, bytes) else strict(encoder, value)
+
+    monkeypatch.setattr(pamqp.encode, "_string", as_given)
+    properties = aiormq.spec.Basic.Properties(
+        correlation_id=b"\xff\xfe-not-utf8",
+        message_id=b"\xc3(",
+        content_type=b"\x80",
+        reply_to=client.reply_queue.name,
+    )
+    underlay = await client.channel.get_underlay_channel()
+    await underlay.basic_publish(
+        f'{{"action": "read", "username": "{username}"}}'.encode(),
+        routing_key=settings.command_queue,
+        properties=properties,
+    )
+    monkeypatch.undo()
+
+    # Answered once, with the undecodable bytes shown as U+FFFD; before, the consumer's connection
+    # dropped on every delivery of it until the queue's delivery limit dead-lettered it.
+    async with asyncio.timeout(30):
+        while not [b for _, b in client.results if b["_correlation_id"] == "\ufffd\ufffd-not-utf8"]:
+            await asyncio.sleep(0.1)
+    [result] = [b for _, b in client.results if b["_correlation_id"] == "\ufffd\ufffd-not-utf8"]
+    assert result["error"]["code"] == "not_found", result
+    ok = await client.call({"action": "launch", "username": username, "image": "standin"}, timeout=60)
+    assert ok["ok"] is True, ok
+
+
+def test_a_headers_table_that_is_not_utf8_reads_as_empty() -> None:
+    keys = b"\x02\xff\xfe" + b"t\x01"  # key of 2 bytes that are not UTF-8, then a boolean
+    table = struct.pack(">I", len(keys)) + keys
+    assert amqp_decoding.field_table(table + b"rest") == (len(table), {})
+    good = b"\x01a" + b"t\x01"
+    assert amqp_decoding.field_table(struct.pack(">I", len(good)) + good) == (4 + len(good), {"a": True})
