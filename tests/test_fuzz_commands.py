@@ -10,6 +10,7 @@ consumer must still launch a server afterwards. ``FUZZ_EXAMPLES`` and ``FUZZ_SEE
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -19,6 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq
+import pamqp.encode
+import pytest
 from hypothesis import HealthCheck, Phase, given, seed
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -35,11 +39,12 @@ FUZZ_HEADER = "x-fuzz-case"
 @dataclass
 class Case:
     body: bytes
-    reply_to: str | None
-    message_id: str | None
-    correlation_suffix: str
-    content_type: str | None
-    content_encoding: str | None
+    # Properties are short strings: UTF-8 from most clients, any bytes from some.
+    reply_to: str | bytes | None
+    message_id: str | bytes | None
+    correlation_suffix: str | bytes
+    content_type: str | bytes | None
+    content_encoding: str | bytes | None
     headers: dict[str, Any]
     delivery_mode: int
     priority: int | None
@@ -84,6 +89,16 @@ def strategies(users: list[str]) -> st.SearchStrategy[Case]:
             "privileged": value,
         },
     )
+    # Valid commands too, so that runs, joined copies and acks meet the hostile properties.
+    target = {"username": st.sampled_from(users)}
+    optional = {"server_name": st.sampled_from(["", "fz-1"]), "timeout": st.integers(1, 30), "skip_check": st.booleans()}
+    valid = st.one_of(
+        st.fixed_dictionaries({"action": st.sampled_from(["read", "remove"]), **target}, optional=optional),
+        st.fixed_dictionaries(
+            {"action": st.just("launch"), "image": st.just("standin"), **target},
+            optional={**optional, "cpu": st.just({"limit": 1}), "memory": st.just({"limit": "1G"})},
+        ),
+    )
     deep = st.one_of(
         st.builds(
             lambda depth, inside: (b'{"action": "launch", "username": "a", "image": "standin", "json": ' if inside else b"")
@@ -109,10 +124,11 @@ def strategies(users: list[str]) -> st.SearchStrategy[Case]:
         st.builds(encode, command, how),
         st.builds(encode, command, how),
         st.builds(lambda data, cut: json.dumps(data).encode()[:cut], command, st.integers(0, 200)),  # truncated
+        st.builds(lambda data: json.dumps(data).encode(), valid),
         deep,
     )
     utf8 = st.characters(codec="utf-8")  # what an AMQP client can send in properties and headers
-    short = st.text(utf8, max_size=50)  # properties are AMQP short strings: UTF-8, 255 bytes
+    short = st.one_of(st.text(utf8, max_size=50), st.binary(max_size=50))  # AMQP short strings: 255 bytes
     header_value = st.one_of(
         st.none(),
         st.booleans(),
@@ -178,10 +194,15 @@ def huge_cases(users: list[str]) -> list[Case]:
     ]
 
 
-def correlation_id(index: int, suffix: str) -> str:
+def correlation_id(index: int, suffix: str | bytes) -> tuple[str | bytes, str]:
+    """The correlation id to publish, and as the launcher reads it back (bytes that are not UTF-8
+    become U+FFFD)."""
     prefix = f"fz{index}|"
+    if isinstance(suffix, bytes):
+        raw = prefix.encode() + suffix[: 255 - len(prefix)]
+        return raw, raw.decode("utf-8", "replace")
     cut = suffix.encode()[: 255 - len(prefix)].decode("utf-8", "ignore")
-    return prefix + cut
+    return prefix + cut, prefix + cut
 
 
 def case_of(correlation: str | None) -> int | None:
@@ -191,8 +212,15 @@ def case_of(correlation: str | None) -> int | None:
 
 
 async def test_thousands_of_hostile_messages_are_each_answered_or_dead_lettered_and_a_launch_still_works(
-    service: None, client: Client, settings: Settings
+    service: None, client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Let this publisher send bytes that are not UTF-8 in short strings, as other AMQP clients can.
+    strict = pamqp.encode._string
+    monkeypatch.setattr(
+        pamqp.encode,
+        "_string",
+        lambda encoder, value: encoder.pack(len(value)) + value if isinstance(value, bytes) else strict(encoder, value),
+    )
     run_seed = int(os.environ.get("FUZZ_SEED", random.randrange(2**32)))
     print(f"FUZZ_SEED={run_seed}")
     users = [unique("fz-") for _ in range(3)]
@@ -218,26 +246,26 @@ async def test_thousands_of_hostile_messages_are_each_answered_or_dead_lettered_
     try:
         expect_reply: dict[int, str] = {}
 
+        underlay = await client.channel.get_underlay_channel()
+
         async def publish(index: int, case: Case) -> None:
-            correlation = correlation_id(index, case.correlation_suffix)
+            correlation, read_back = correlation_id(index, case.correlation_suffix)
             reply_to = client.reply_queue.name if case.reply_to == OUR_QUEUE else case.reply_to
             if reply_to == client.reply_queue.name:
-                expect_reply[index] = correlation
-                client.replies[correlation] = loop.create_future()
-            await client.channel.default_exchange.publish(
-                aio_pika.Message(
-                    case.body,
-                    content_type=case.content_type,
-                    content_encoding=case.content_encoding,
-                    headers={**case.headers, FUZZ_HEADER: index},
-                    delivery_mode=case.delivery_mode,
-                    priority=case.priority,
-                    correlation_id=correlation,
-                    reply_to=reply_to,
-                    message_id=case.message_id,
-                ),
-                routing_key=settings.command_queue,
-                mandatory=True,
+                expect_reply[index] = read_back
+                client.replies[read_back] = loop.create_future()
+            properties = aiormq.spec.Basic.Properties(
+                content_type=case.content_type,
+                content_encoding=case.content_encoding,
+                headers={**case.headers, FUZZ_HEADER: index},
+                delivery_mode=case.delivery_mode,
+                priority=case.priority,
+                correlation_id=correlation,
+                reply_to=reply_to,
+                message_id=case.message_id,
+            )
+            await underlay.basic_publish(
+                case.body, routing_key=settings.command_queue, properties=properties, mandatory=True
             )
 
         for start in range(0, len(cases), 200):  # confirmed in batches
@@ -269,7 +297,12 @@ async def test_thousands_of_hostile_messages_are_each_answered_or_dead_lettered_
             f"{len(results - dead)} acked, {len(lost)} lost; generated in {generated - started:.1f} s, "
             f"published in {published - generated:.1f} s, all settled {finished - published:.1f} s later"
         )
+        codes = collections.Counter(
+            (body.get("error") or {}).get("code", "ok") for _, body in client.results if case_of(body["_correlation_id"]) is not None
+        )
+        print(f"outcomes: {dict(codes)}")
         assert not lost
+        assert not codes["internal_error"]  # the last-resort answer means a bug in the launcher
         assert replied() == set(expect_reply)  # every delivery with a reply_to was answered
         # Invalid ones are dead-lettered; the rest ran (read, remove, a few launches) and were acked.
         assert len(dead) > len(cases) // 2
