@@ -297,6 +297,8 @@ def describe_errors(error: ValidationError) -> list[dict[str, str]]:
             message = "the command must be a JSON object"
         elif item["type"] == "json_invalid":
             message = f"not valid JSON ({item['ctx']['error']})"
+            if "hex escape" in message:  # the parser's words for a lone surrogate such as \ud800
+                message += "; \\ud800-\\udfff escapes must come in pairs (a surrogate pair)"
         # The caller's own values and keys come back in these: keep them short.
         described.append({"field": _clip(field), "message": _clip(message)})
     if len(problems) > MAX_PROBLEMS:
