@@ -3,6 +3,7 @@ the older worker's ``skip_check`` is accepted and ignored."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 
@@ -38,6 +39,31 @@ async def test_a_read_of_an_unreachable_hub_answers_hub_unavailable_by_default_w
     assert reply["error"]["code"] == "hub_unavailable", reply
     assert "10 s" in reply["error"]["message"] or "GET" in reply["error"]["message"], reply
     assert unreachable_hub.read_timeout == 10  # the default
+
+
+async def test_a_read_of_a_hub_that_accepts_connections_and_never_answers_ends_at_its_timeout(
+    hub: LocalHub, username: str
+) -> None:
+    connections: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)  # read nothing, answer nothing
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    settings = make_settings(hub, jupyterhub_url=f"http://127.0.0.1:{port}", launch_timeout=300)
+    try:
+        async with running_service(settings), Client(settings) as client:
+            # Generous over 3 s, yet short of the 60 s a single request to the hub may take.
+            reply = await client.call({"action": "read", "username": username, "timeout": 3}, timeout=40)
+        assert reply["error"]["code"] == "hub_unavailable", reply
+        assert connections  # the launcher did reach it
+    finally:
+        for writer in connections:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+        await delete_topology(settings)
 
 
 @pytest.mark.parametrize("action", ["read", "remove"])
