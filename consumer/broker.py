@@ -39,7 +39,7 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import PublishError
 
-from . import journal, metrics
+from . import amqp_decoding, journal, metrics
 from .config import Settings
 from .journal import Answer, Journal
 
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 # stays bounded by the commands in flight and the event backlog. Not a documented setting: the
 # versions are pinned in pyproject.toml and tests/test_library_internals.py fails if it stops working.
 aiormq.Connection.FRAME_BUFFER_SIZE = 4096
+# A message with properties that are not UTF-8 would otherwise drop the connection, again and again.
+amqp_decoding.install()
 
 # After a lost connection aio-pika tries again at once, then every this many seconds (its default,
 # 5 s, is what a node's loss cost in the cluster test: through HAProxy the first try often still

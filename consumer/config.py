@@ -62,6 +62,8 @@ class Settings(BaseModel):
     events_exchange: str = Field("launcher.events", min_length=1)
     max_concurrency: int = Field(100, gt=0, le=2000)  # quorum queues cap prefetch at 2,000
     launch_timeout: float = Field(300.0, gt=0)
+    # A read changes nothing: an unreachable hub should answer hub_unavailable soon, not at 300 s.
+    read_timeout: float = Field(10.0, gt=0)
     shutdown_grace: float = Field(30.0, ge=0)
     # How often a poison command may be redelivered before the queue dead-letters it.
     delivery_limit: int = Field(5, gt=0)

@@ -3,7 +3,11 @@
 A command is acked only after its reply and result event are confirmed by the broker; an invalid
 command is answered and rejected to the dead-letter queue. Commands for the same user and server run
 one after another, and a copy of a command that is still running (redelivered after a reconnect, or
-published twice) joins the running one instead of starting a second launch.
+published twice: the same message_id and the same body) joins the running one instead of starting a
+second launch; its caller gets the same answer.
+
+Whatever a delivery holds, it ends answered (where it has a ``reply_to``) and acked or dead-lettered:
+no exception leaves a command's task with its delivery unsettled.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,10 +24,12 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
+from pydantic_core import from_json
 
 from schemas import (
     ACTIONS,
     EVENT_CONTENT_TYPE,
+    MAX_COMMAND_BYTES,
     CloudEvent,
     ErrorInfo,
     LaunchCommand,
@@ -57,6 +62,10 @@ class _Run:
     """A command being handled, with every delivery of it that waits for its outcome."""
 
     deliveries: list[AbstractIncomingMessage]
+    settled: int = 0  # deliveries[:settled] are acked, rejected or requeued
+    # ("reply", reply_to, correlation_id) and ("result", correlation_id) already published: a
+    # redelivered copy is answered once, a copy from another caller is answered too.
+    answered: set[tuple[str | None, ...]] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -119,17 +128,22 @@ class Worker:
                 answer = await self.broker.recorded_answer(key)
                 if answer is not None:
                     log.info("launch %s was answered before its replica stopped; same answer again", key)
-                    await self._answer_again(run, message, key, answer)
+                    await self._answer_again(run, key, answer)
                     return
             # A read changes nothing: it need not wait for (or hold up) a launch or remove.
             ordered = not isinstance(command, ReadCommand)
             async with self.locks.hold((command.username, command.server_name)) if ordered else contextlib.nullcontext():
                 reply, dead_letter, follow_up = await self._execute(command, message, key)
-            await self._finish(run, message, key, reply, dead_letter, follow_up)
+            await self._finish(run, key, reply, dead_letter, follow_up)
         except asyncio.CancelledError:
             log.info("command %s interrupted by shutdown; requeued", key)
             await _settle(run, requeue=True)
             raise
+        except Exception:
+            # A bug on the reply's path. Left unsettled, the delivery would hold a prefetch slot
+            # for ever and stall the next process too: answer what can be answered, dead-letter.
+            log.exception("command %s failed unexpectedly; dead-lettered", key)
+            await self._last_resort(run, message)
         finally:
             self.runs.pop(key, None)
             metrics.IN_FLIGHT.dec()
@@ -168,6 +182,21 @@ class Worker:
         finally:
             self.runs.pop(key, None)
 
+    async def _last_resort(self, run: _Run, message: AbstractIncomingMessage) -> None:
+        try:
+            reply = Reply(
+                ok=False,
+                error=ErrorInfo(code="internal_error", message="the launcher failed on this command; see its log"),
+                **_loose_target(message.body),
+            )
+            answered = await self._answer(run, _identity(message), run.deliveries[run.settled :], reply.routing_key, reply.body())
+        except Exception:
+            log.exception("command %s: no error reply could be made", message.message_id)
+            answered = False
+        if not answered:
+            log.error("command %s dead-lettered without a reply", message.message_id)
+        await _settle(run, dead_letter=True)
+
     async def _execute(
         self, command: LaunchCommand | RemoveCommand | ReadCommand, message: AbstractIncomingMessage, key: str
     ) -> tuple[Reply, bool, CleanUp | None]:
@@ -199,64 +228,74 @@ class Worker:
         problems = describe_errors(error)
         text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
         log.warning("invalid command %s dead-lettered: %s", message.message_id, text)
-        fields = _loose_fields(message.body)
         reply = Reply(
             ok=False,
-            action=fields.get("action") if fields.get("action") in ACTIONS else "invalid",
-            username=str(fields.get("username", "")),
-            server_name=str(fields.get("server_name", "")),
             error=ErrorInfo(code="invalid_command", message=text, details=problems),
+            **_loose_target(message.body),
         )
-        await self._finish(run, message, _identity(message), reply, dead_letter=True)
+        await self._finish(run, _identity(message), reply, dead_letter=True)
 
     async def _finish(
-        self,
-        run: _Run,
-        message: AbstractIncomingMessage,
-        key: str,
-        reply: Reply,
-        dead_letter: bool,
-        follow_up: CleanUp | None = None,
+        self, run: _Run, key: str, reply: Reply, dead_letter: bool, follow_up: CleanUp | None = None
     ) -> None:
         """Answer, then settle: ack (or dead-letter) once the answer is confirmed, else requeue,
         so that the command runs again (at most ``delivery_limit`` times) rather than hang unacked.
-        A follow-up is confirmed with the answer, before the ack: RabbitMQ keeps one or the other."""
-        if await self._answer(message, key, reply.routing_key, reply.model_dump_json().encode(), follow_up):
-            action = reply.action if reply.action in ACTIONS else "invalid"
-            metrics.COMMANDS.labels(action, reply.error.code if reply.error else "ok").inc()
-            metrics.COMMAND_DURATION.labels(action).observe(time.monotonic() - run.started)
-            await _settle(run, dead_letter=dead_letter)
-        else:
-            await _settle(run, requeue=True)
+        Copies that join while the answer is on its way are answered in another round. A follow-up
+        is confirmed with the answer, before the ack: RabbitMQ keeps one or the other."""
+        body = reply.body()
+        counted = False
+        while run.settled < len(run.deliveries):
+            batch = run.deliveries[run.settled :]
+            if await self._answer(run, key, batch, reply.routing_key, body, follow_up):
+                follow_up = None  # published once
+                if not counted:
+                    counted = True
+                    action = reply.action if reply.action in ACTIONS else "invalid"
+                    metrics.COMMANDS.labels(action, reply.error.code if reply.error else "ok").inc()
+                    metrics.COMMAND_DURATION.labels(action).observe(time.monotonic() - run.started)
+                await _settle(run, len(batch), dead_letter=dead_letter)
+            else:
+                await _settle(run, len(batch), requeue=True)
 
-    async def _answer_again(self, run: _Run, message: AbstractIncomingMessage, key: str, answer: Answer) -> None:
-        if await self._answer(message, key, answer.routing_key, answer.body):
-            await _settle(run)
-        else:
-            await _settle(run, requeue=True)
+    async def _answer_again(self, run: _Run, key: str, answer: Answer) -> None:
+        """Send a launch's recorded answer (from the answer journal) again, byte for byte."""
+        while run.settled < len(run.deliveries):
+            batch = run.deliveries[run.settled :]
+            if await self._answer(run, key, batch, answer.routing_key, answer.body):
+                await _settle(run, len(batch))
+            else:
+                await _settle(run, len(batch), requeue=True)
 
     async def _answer(
         self,
-        message: AbstractIncomingMessage,
+        run: _Run,
         key: str,
+        deliveries: list[AbstractIncomingMessage],
         routing_key: str,
         body: bytes,
         follow_up: CleanUp | None = None,
     ) -> bool:
-        """Publish the reply and the result event (and a follow-up); False if the broker did not
-        confirm them."""
+        """Publish the reply to each caller and the result event (and a follow-up); False if the
+        broker did not confirm them."""
+        results, replies = [], []
+        for delivery in deliveries:
+            correlation_id = delivery.correlation_id
+            if ("result", correlation_id) not in run.answered:
+                run.answered.add(("result", correlation_id))
+                results.append(self.broker.publish_result(routing_key, correlation_id, body, key))
+            if delivery.reply_to and ("reply", delivery.reply_to, correlation_id) not in run.answered:
+                run.answered.add(("reply", delivery.reply_to, correlation_id))
+                replies.append(self.broker.reply(delivery.reply_to, correlation_id, body))
+        # The results go first: the broker routes a channel's publishes in order, so a reply that
+        # reached its caller has its result in the answer journal.
+        publishes = [*results, *replies]
+        if follow_up is not None:
+            publishes.append(self.broker.publish_command(follow_up.model_dump_json().encode(), FOLLOW_UP_TYPE))
         try:
-            # Both confirmed before the ack, but waited for together: one broker round trip, not two.
-            # The result goes first: the broker routes a channel's publishes in order, so a reply
-            # that reached its caller has its result in the answer journal.
-            publishes = [self.broker.publish_result(routing_key, message.correlation_id, body, key)]
-            if message.reply_to:
-                publishes.append(self.broker.reply(message.reply_to, message.correlation_id, body))
-            if follow_up is not None:
-                publishes.append(self.broker.publish_command(follow_up.model_dump_json().encode(), FOLLOW_UP_TYPE))
+            # All confirmed before the ack, but waited for together: one broker round trip, not two.
             await asyncio.gather(*publishes)
         except Exception as error:
-            log.error("could not publish the reply to %s: %s", message.message_id, type(error).__name__)
+            log.error("could not publish the reply to %s: %s", deliveries[0].message_id, type(error).__name__)
             return False
         return True
 
@@ -293,9 +332,13 @@ class Worker:
                 await asyncio.wait(pending)
 
 
-async def _settle(run: _Run, dead_letter: bool = False, requeue: bool = False) -> None:
-    """Ack (or reject) every delivery of the command; deliveries from a lost channel cannot be."""
-    for delivery in run.deliveries:
+async def _settle(run: _Run, count: int | None = None, dead_letter: bool = False, requeue: bool = False) -> None:
+    """Ack (or reject) the next ``count`` (default: all) unsettled deliveries of the command;
+    deliveries from a lost channel cannot be."""
+    end = len(run.deliveries) if count is None else run.settled + count
+    while run.settled < end:
+        delivery = run.deliveries[run.settled]
+        run.settled += 1  # before the await: a cancelled or failed settle is not tried twice
         try:
             if requeue:
                 await delivery.nack(requeue=True)
@@ -308,18 +351,36 @@ async def _settle(run: _Run, dead_letter: bool = False, requeue: bool = False) -
 
 
 def _identity(message: AbstractIncomingMessage) -> str:
+    """A copy is the same command only with the same body: two commands that share a message_id
+    (a publisher's bug, or ids reused across publishers) both run."""
     if message.message_id:
-        return message.message_id
+        return f"{message.message_id} sha256:{hashlib.sha256(message.body).hexdigest()}"
     return "sha256:" + hashlib.sha256((message.correlation_id or "").encode() + message.body).hexdigest()
 
 
-def _loose_fields(body: bytes) -> dict[str, Any]:
-    """What can be read of an invalid command, to address its error reply."""
+def _loose_target(body: bytes) -> dict[str, str]:
+    """What can be read of an invalid command to address its error reply: action, username and
+    server name, where they are short strings.
+
+    Any body: pydantic's JSON parser (unlike ``json.loads``) bounds nesting and refuses lone
+    surrogates, and bodies over MAX_COMMAND_BYTES are not read at all.
+    """
+    target = {"action": "invalid", "username": "", "server_name": ""}
+    if len(body) > MAX_COMMAND_BYTES:
+        return target
     try:
-        data = json.loads(body)
+        data = from_json(body)
     except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+        return target
+    if not isinstance(data, dict):
+        return target
+    for name in target:
+        value = data.get(name)
+        if isinstance(value, str) and len(value) <= 255:
+            target[name] = value
+    if target["action"] not in ACTIONS:
+        target["action"] = "invalid"
+    return target
 
 
 def _redelivered(message: AbstractIncomingMessage) -> bool:

@@ -79,16 +79,21 @@ class Workflows:
         return asyncio.get_running_loop().time() + timeout
 
     async def read(self, command: ReadCommand) -> dict[str, Any]:
-        hub = self.hub.until(self._deadline(self.settings.launch_timeout))
-        with _hub_errors():
-            server = await hub.get_server(command.username, command.server_name)
+        timeout = command.timeout or self.settings.read_timeout
+        deadline = self._deadline(timeout)
+        try:
+            with _hub_errors():
+                async with asyncio.timeout_at(deadline):  # also a hub that accepts and never answers
+                    server = await self.hub.until(deadline).get_server(command.username, command.server_name)
+        except TimeoutError:
+            raise CommandFailed("hub_unavailable", f"JupyterHub did not answer within {timeout:g} s") from None
         if server is None:
             raise CommandFailed("not_found", f"no server {_label(command)}")
         return server
 
     async def remove(self, command: RemoveCommand, emit: Emit) -> dict[str, Any]:
         emit("remove.accepted", {})
-        deadline = self._deadline(self.settings.launch_timeout)
+        deadline = self._deadline(command.timeout or self.settings.launch_timeout)
         try:
             with _hub_errors():
                 async with asyncio.timeout_at(deadline):

@@ -2,6 +2,7 @@
 
 from .commands import (
     ACTIONS,
+    MAX_COMMAND_BYTES,
     Command,
     CpuSpec,
     GpuSpec,
@@ -20,6 +21,7 @@ from .replies import ErrorCode, ErrorInfo, LaunchResult, RemoveResult, Reply, Se
 
 __all__ = [
     "ACTIONS",
+    "MAX_COMMAND_BYTES",
     "EVENT_CONTENT_TYPE",
     "CloudEvent",
     "Command",

@@ -7,6 +7,8 @@ so that callers can move over without rewriting their payloads.
 
 from __future__ import annotations
 
+import json
+import math
 import posixpath
 import re
 from typing import Annotated, Any, Literal, Union
@@ -20,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .quantities import parse_memory
 
@@ -33,6 +36,21 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Variables the hub sets for the single-user server: a caller overriding them could point the
 # server at another hub or impersonate its API token.
 RESERVED_ENV_PREFIXES = ("JUPYTERHUB_", "JPY_")
+# Sane maxima: more than any one server gets, so a bigger number is a mistake (or an attack), and
+# never reaches the hub. The hub's own policy (launcher_max_cpu, ...) sets the real limits.
+MAX_CPU = 1024  # cores
+MAX_GPU = 64
+MAX_TIMEOUT = 86_400.0  # seconds: a day
+MAX_TTL = 366 * 86_400.0  # seconds: a year; the expiry ladder's queues hold any wait up to that
+# A command is a few hundred bytes; bounding the body bounds the work and memory of reading one.
+MAX_COMMAND_BYTES = 1024 * 1024
+# The extra spawner options under "json": Kubernetes objects such as tolerations or affinity are a
+# few levels deep and a few kilobytes.
+MAX_JSON_DEPTH = 32
+MAX_JSON_BYTES = 64 * 1024
+# How much of the problems an error reply lists: an invalid body can have one per key.
+MAX_PROBLEMS = 20
+_MAX_PROBLEM_TEXT = 300
 
 
 class _Strict(BaseModel):
@@ -42,8 +60,8 @@ class _Strict(BaseModel):
 class CpuSpec(_Strict):
     """CPU cores, as a request (guarantee) and a limit."""
 
-    request: Annotated[float, Field(gt=0)] | None = None
-    limit: Annotated[float, Field(gt=0)] | None = None
+    request: Annotated[float, Field(gt=0, le=MAX_CPU, allow_inf_nan=False)] | None = None
+    limit: Annotated[float, Field(gt=0, le=MAX_CPU, allow_inf_nan=False)] | None = None
 
     @model_validator(mode="after")
     def _request_within_limit(self) -> CpuSpec:
@@ -57,11 +75,19 @@ class MemorySpec(_Strict):
     request: str | int | None = None
     limit: str | int | None = None
 
-    @field_validator("request", "limit")
+    @field_validator("request", "limit", mode="before")
     @classmethod
-    def _parseable(cls, value: str | int | None) -> str | int | None:
-        if value is not None:
-            parse_memory(value)
+    def _parseable(cls, value: Any) -> str | int | None:
+        # Before the str | int union, so that the error names the field, not the union's branches.
+        if value is None:
+            return None
+        if isinstance(value, float):
+            parse_memory(value)  # refuses inf, nan and too much, in the caller's notation
+            if value.is_integer():
+                value = int(value)  # 1e9 in JSON is a float
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError("must be a whole number of bytes or a string like '512M'")
+        parse_memory(value)
         return value
 
     @model_validator(mode="after")
@@ -76,8 +102,8 @@ class MemorySpec(_Strict):
 class GpuSpec(_Strict):
     """Whole GPUs. Kubernetes needs request == limit for extended resources; the hub side enforces it."""
 
-    request: Annotated[int, Field(gt=0)] | None = None
-    limit: Annotated[int, Field(gt=0)] | None = None
+    request: Annotated[int, Field(gt=0, le=MAX_GPU)] | None = None
+    limit: Annotated[int, Field(gt=0, le=MAX_GPU)] | None = None
 
     @model_validator(mode="after")
     def _request_within_limit(self) -> GpuSpec:
@@ -121,9 +147,15 @@ class Volume(_Strict):
         return value
 
 
+Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT, allow_inf_nan=False)]
+
+
 class _Target(_Strict):
     username: Annotated[str, Field(pattern=USERNAME_PATTERN)]
     server_name: Annotated[str, Field(pattern=SERVER_NAME_PATTERN)] = ""
+    # The older worker's switch to skip its "already running?" check: accepted so that its callers'
+    # payloads still validate, and ignored (a launch always checks, in the same request as the start).
+    skip_check: Annotated[Any, Field(exclude=True, description="accepted for compatibility, ignored")] = None
 
 
 class LaunchCommand(_Target):
@@ -137,9 +169,9 @@ class LaunchCommand(_Target):
     vols: list[Volume] | None = None
     env: dict[str, str] | None = None
     json_: Annotated[dict[str, Any] | None, Field(alias="json")] = None
-    timeout: Annotated[float, Field(gt=0)] | None = None
+    timeout: Timeout | None = None
     # Seconds after ready when the launcher removes the server (the reply's result.expires_at).
-    ttl: Annotated[float, Field(gt=0)] | None = None
+    ttl: Annotated[float, Field(gt=0, le=MAX_TTL, allow_inf_nan=False)] | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -160,6 +192,21 @@ class LaunchCommand(_Target):
         # for compatibility and ignored, since the hub applies only allow-listed keys.
         if value is not None:
             value = {k: v for k, v in value.items() if k != "transparent"}
+        return value
+
+    @field_validator("json_")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        deepest, finite = _shape(value)
+        if deepest > MAX_JSON_DEPTH:
+            raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+        if not finite:
+            raise ValueError("holds Infinity or NaN, which are not JSON numbers")
+        size = len(json.dumps(value).encode())
+        if size > MAX_JSON_BYTES:
+            raise ValueError(f"{size} bytes as JSON, more than the {MAX_JSON_BYTES} allowed")
         return value
 
     @field_validator("vols")
@@ -187,12 +234,29 @@ class RemoveCommand(_Target):
     """Stop a user's server."""
 
     action: Literal["remove"]
+    timeout: Timeout | None = None  # seconds; default launch_timeout
 
 
 class ReadCommand(_Target):
     """Read a user's server model."""
 
     action: Literal["read"]
+    timeout: Timeout | None = None  # seconds; default read_timeout
+
+
+def _shape(value: Any) -> tuple[int, bool]:
+    """How deeply lists and objects nest in a JSON value (a scalar is 0), and whether all its
+    numbers are finite; without recursion."""
+    deepest, finite, stack = 0, True, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, float):
+            finite = finite and math.isfinite(item)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest, finite
 
 
 Command = Annotated[
@@ -203,14 +267,26 @@ command_adapter: TypeAdapter[LaunchCommand | RemoveCommand | ReadCommand] = Type
 
 
 def parse_command(body: bytes | str) -> LaunchCommand | RemoveCommand | ReadCommand:
-    """Validate a JSON command; raises ``pydantic.ValidationError`` naming each bad field."""
+    """Validate a JSON command; raises ``pydantic.ValidationError`` naming each bad field.
+
+    JSON nested too deeply, lone surrogates (``"\\ud800"``) and bodies over ``MAX_COMMAND_BYTES``
+    are invalid commands like any other.
+    """
+    if len(body) > MAX_COMMAND_BYTES:
+        too_large = PydanticCustomError(
+            "command_too_large", "{size} bytes, more than the {limit} a command may have",
+            {"size": len(body), "limit": MAX_COMMAND_BYTES},
+        )
+        details: InitErrorDetails = {"type": too_large, "loc": (), "input": None}
+        raise ValidationError.from_exception_data("command", [details])
     return command_adapter.validate_json(body)
 
 
 def describe_errors(error: ValidationError) -> list[dict[str, str]]:
     """``[{"field": "memory.limit", "message": ...}]``: dotted field paths, without the union tag."""
     described = []
-    for item in error.errors(include_url=False):
+    problems = error.errors(include_url=False)
+    for item in problems[:MAX_PROBLEMS]:
         loc = [str(part) for part in item["loc"]]
         if loc and loc[0] in ACTIONS:
             loc = loc[1:]  # the discriminated union puts the action first
@@ -224,5 +300,14 @@ def describe_errors(error: ValidationError) -> list[dict[str, str]]:
             message = "the command must be a JSON object"
         elif item["type"] == "json_invalid":
             message = f"not valid JSON ({item['ctx']['error']})"
-        described.append({"field": field, "message": message})
+            if "hex escape" in message:  # the parser's words for a lone surrogate such as \ud800
+                message += "; \\ud800-\\udfff escapes must come in pairs (a surrogate pair)"
+        # The caller's own values and keys come back in these: keep them short.
+        described.append({"field": _clip(field), "message": _clip(message)})
+    if len(problems) > MAX_PROBLEMS:
+        described.append({"field": "body", "message": f"and {len(problems) - MAX_PROBLEMS} more problems"})
     return described
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_PROBLEM_TEXT else text[: _MAX_PROBLEM_TEXT - 1] + "…"

@@ -7,6 +7,7 @@ Decimal Kubernetes suffixes (``k``, ``m`` for milli) are refused rather than sil
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {
@@ -20,6 +21,9 @@ _UNITS = {
     "Gi": 1024**3,
     "Ti": 1024**4,
 }
+# More than any single machine has (the largest have 32 TiB): a bigger number is a mistake, and
+# numbers like 1e308 would otherwise reach the hub as bytes.
+MAX_MEMORY = 64 * 1024**4
 _QUANTITY = re.compile(r"^(?P<number>[0-9]+(?:\.[0-9]+)?)(?P<unit>Ki|Mi|Gi|Ti|K|M|G|T)?$")
 
 
@@ -28,16 +32,26 @@ def parse_memory(value: str | int | float) -> int:
     if isinstance(value, bool):
         raise ValueError("a memory quantity must be a number of bytes or a string like '512M'")
     if isinstance(value, (int, float)):
-        number, unit = float(value), ""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("a memory quantity must be a finite number")
+        number, unit = value, ""
     else:
         match = _QUANTITY.match(value.strip())
         if match is None:
             raise ValueError(
-                f"{value!r} is not a memory quantity: use bytes or a number with K, M, G, T "
+                f"{_clip(value)} is not a memory quantity: use bytes or a number with K, M, G, T "
                 "(powers of 1024, as JupyterHub) or Ki, Mi, Gi, Ti"
             )
         number, unit = float(match["number"]), match["unit"] or ""
-    size = int(number * _UNITS[unit])
+    size = number * _UNITS[unit]  # a float for long digit strings: can be inf, never an error here
+    if size > MAX_MEMORY:
+        raise ValueError(f"{_clip(value)} is more than the most memory a server can have, 64 TiB")
+    size = int(size)
     if size <= 0:
-        raise ValueError(f"{value!r} must be more than 0 bytes")
+        raise ValueError(f"{_clip(value)} must be more than 0 bytes")
     return size
+
+
+def _clip(value: str | int | float, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

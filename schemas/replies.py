@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
+from pydantic_core import PydanticSerializationError
 
 from .commands import CpuSpec, GpuSpec, MemorySpec, Volume
 
@@ -76,3 +78,15 @@ class Reply(BaseModel):
     @property
     def routing_key(self) -> str:
         return f"{self.action}.{'ok' if self.ok else 'error'}"
+
+    def body(self) -> bytes:
+        """The reply as UTF-8 JSON, whatever text it carries.
+
+        Text that cannot be UTF-8 (lone surrogates such as ``"\\ud800"``, which JSON escapes can
+        carry from a publisher or the hub) becomes ``?`` instead of failing the reply.
+        """
+        try:
+            return self.model_dump_json().encode()
+        except PydanticSerializationError:
+            text = json.dumps(self.model_dump(mode="json"), ensure_ascii=False, separators=(",", ":"))
+            return text.encode("utf-8", "replace")

@@ -1,4 +1,4 @@
-"""The two library details the reply path relies on beyond their documented APIs, pinned.
+"""The library details the launcher relies on beyond their documented APIs, pinned.
 
 ``consumer/broker.py`` raises ``aiormq.Connection.FRAME_BUFFER_SIZE`` (the size of a connection's
 write queue; at its default of 10 frames, replies of a burst waited there: overhead p95 at N = 200
@@ -40,7 +40,7 @@ def pinned(name: str) -> Requirement:
     raise AssertionError(f"{name} is not pinned in pyproject.toml: {WHY}")
 
 
-@pytest.mark.parametrize("name", ["aio-pika", "aiormq"])
+@pytest.mark.parametrize("name", ["aio-pika", "aiormq", "pamqp"])
 def test_the_installed_amqp_libraries_are_within_the_checked_ranges(name: str) -> None:
     requirement = pinned(name)
     # An upper bound: the details below were checked against these versions only.
@@ -70,3 +70,18 @@ def test_the_underlay_publish_still_takes_wait_and_timeout() -> None:
     parameters = inspect.signature(aiormq.Channel.basic_publish).parameters
     for name in ("wait", "timeout", "mandatory", "properties"):
         assert name in parameters, f"aiormq's Channel.basic_publish lost {name!r}: {WHY}"
+
+
+def test_pamqp_still_decodes_properties_through_the_lenient_decoders() -> None:
+    """``consumer/amqp_decoding.py`` swaps pamqp's short-string and table decoders, which pamqp
+    looks up in ``decode.METHODS`` and ``decode.TABLE_MAPPING`` for every frame."""
+    from pamqp import decode
+
+    from consumer import amqp_decoding
+
+    amqp_decoding.install()
+    reason = "pamqp no longer decodes through decode.METHODS; consumer/amqp_decoding.py needs another way"
+    assert decode.METHODS.get("shortstr") is amqp_decoding.short_str, reason
+    assert decode.TABLE_MAPPING.get(b"F") is amqp_decoding.field_table, reason
+    # A correlation id that is not UTF-8 reads with U+FFFD instead of raising.
+    assert decode.by_type(b"\x02\xff\xfe", "shortstr") == (3, "\ufffd\ufffd"), reason
