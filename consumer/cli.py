@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="consume launch/remove/read commands")
     run.add_argument("--config", default=None, help="YAML config file (default: ./config.yaml if present)")
+    bridge = commands.add_parser("celery-bridge", help="answer the older Celery worker's tasks (extra 'celery')")
+    bridge.add_argument("--config", default=None, help="YAML config file (default: ./config.yaml if present)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jupyterhub-launcher: {error}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    if args.command == "celery-bridge":
+        from .celery_bridge import run as run_bridge  # Celery only where the bridge runs
+
+        return run_bridge(settings)
 
     from .service import serve  # the service's dependencies only when it runs
 

@@ -1,0 +1,327 @@
+"""The Celery bridge: the older Celery worker's tasks, answered by the launcher.
+
+Clients of the older worker call ``app.send_task("launcher-worker.launch", args=[...])`` and ``.get()``
+its result. This is a Celery app with tasks of the same names and signatures: each task turns its
+arguments into a launcher command, sends it over RabbitMQ and waits for the reply. Celery and kombu
+speak to the clients' broker and result backend (Redis, RabbitMQ, whatever they support); the launcher
+does the work. ``jupyterhub-launcher celery-bridge --config FILE`` runs it.
+
+A task only waits, so the worker runs Celery's ``threads`` pool: hundreds of tasks in flight in one
+process. One asyncio loop in a background thread owns the connection to the launcher; each task
+submits its call to that loop and blocks its own thread on the answer.
+
+Nothing lost, nothing doubled: tasks are acknowledged late and requeued if the bridge dies
+(``acks_late``, ``reject_on_worker_lost``), and a command's ``message_id`` is derived from the task
+id, so a redelivered task joins the launch still running in the launcher, or repeats it (a launch of
+a running server returns it, with a fresh token), instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+import aio_pika
+from celery import Celery, Task
+from pydantic import ValidationError
+
+from schemas import LaunchCommand, describe_errors
+
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+# Waiting for a reply: the launcher's own deadline for the command, plus this margin for queueing.
+REPLY_MARGIN = 60.0
+
+
+class LauncherTaskError(Exception):
+    """A failed call, raised to Celery clients when ``celery_raise_errors`` is on.
+
+    ``args`` is ``(code, message)``, so Celery's JSON result serialisation carries both and rebuilds
+    the exception on the client (as this class where ``consumer.celery_bridge`` is importable, else
+    as a class of the same name that Celery makes); ``code`` is the launcher's error code
+    (``invalid_command``, ``spawn_failed``, ``not_found``, ...).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class CallFailed(Exception):
+    """The launcher answered with an error (or did not answer): what the task logs, returns or raises."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# The older worker's arguments as launcher commands.
+
+
+def launch_command(
+    image: Any,
+    username: Any,
+    server_name: Any = "",
+    vols: Any = None,
+    cpu: Any = None,
+    memory: Any = None,
+    gpu: Any = None,
+    json: Any = None,
+    env: Any = None,
+) -> LaunchCommand:
+    """The command for the older worker's ``launch`` arguments; raises ``CallFailed("invalid_command")``.
+
+    The shapes are the older API's (``{"request", "limit"}``, ``[{"pvc", "mount", "subpath"}]``), and
+    two of its habits are kept: a ``None`` request or limit means "not set" (the older spawner read it
+    so), and a volume's ``subpath`` may be ``None``. ``json`` becomes the command's extra spawner
+    options; the hub applies only the keys in its ``launcher_allowed_options`` (``transparent`` is
+    ignored).
+    """
+    body: dict[str, Any] = {"action": "launch", "image": image, "username": username}
+    body["server_name"] = "" if server_name is None else server_name
+    for name, spec in (("cpu", cpu), ("memory", memory), ("gpu", gpu)):
+        if isinstance(spec, dict):
+            spec = {key: value for key, value in spec.items() if value is not None}
+            if not spec:
+                continue  # {"request": None, "limit": None}: nothing asked for
+        if spec is not None:
+            body[name] = spec
+    if vols is not None:
+        body["vols"] = [
+            {**vol, "subpath": vol.get("subpath") or ""} if isinstance(vol, dict) else vol for vol in vols
+        ] if isinstance(vols, (list, tuple)) else vols
+    if json is not None:
+        body["json"] = json
+    if env is not None:
+        body["env"] = env
+    try:
+        return LaunchCommand.model_validate(body)
+    except ValidationError as error:
+        raise CallFailed("invalid_command", _describe(error)) from None
+
+
+def target_command(action: str, username: Any, server_name: Any = "") -> dict[str, Any]:
+    """A read or remove command; its fields are checked by the launcher (an error names them)."""
+    return {"action": action, "username": username, "server_name": "" if server_name is None else server_name}
+
+
+def _describe(error: ValidationError) -> str:
+    return "; ".join(f"{p['field']}: {p['message']}" for p in describe_errors(error))
+
+
+def message_id(task_id: str) -> str:
+    """The command's identity for a task: the same on every delivery of the task."""
+    return f"celery-{task_id}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher's side: RPC over one connection, owned by an asyncio loop in a background thread.
+
+
+class LauncherRpc:
+    """Commands to the launcher and their replies over one aio-pika connection (direct reply-to)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    async def connect(self) -> None:
+        self.connection = await aio_pika.connect_robust(self.settings.amqp_url.get_secret_value())
+        self.channel = await self.connection.channel()
+        replies = await self.channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
+        await replies.consume(self._on_reply, no_ack=True)
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+    async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        future = self.pending.get(message.correlation_id or "")
+        if future is not None and not future.done():
+            future.set_result(json.loads(message.body))
+
+    async def call(self, command: dict[str, Any], message_id: str, timeout: float) -> dict[str, Any]:
+        """The command's result; raises ``CallFailed`` with the launcher's error code and message."""
+        correlation_id = uuid.uuid4().hex
+        future = self.pending[correlation_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self.channel.default_exchange.publish(
+                aio_pika.Message(
+                    json.dumps(command).encode(),
+                    content_type="application/json",
+                    message_id=message_id,
+                    correlation_id=correlation_id,
+                    reply_to="amq.rabbitmq.reply-to",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key=self.settings.command_queue,
+            )
+            try:
+                reply = await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                raise CallFailed("timeout", f"no reply from the launcher within {timeout:.0f} s") from None
+        finally:
+            self.pending.pop(correlation_id, None)
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            raise CallFailed(str(error.get("code", "internal_error")), str(error.get("message", "")))
+        return reply.get("result") or {}
+
+
+class Bridge:
+    """The launcher connection and its loop, shared by every task of the process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="launcher-rpc", daemon=True)
+        self.rpc = LauncherRpc(settings)
+
+    def start(self) -> None:
+        self.thread.start()
+        self.run(self.rpc.connect(), timeout=60)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            try:
+                self.run(self.rpc.close(), timeout=10)
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self.thread.join(10)
+
+    def run(self, coroutine: Coroutine[Any, Any, Any], timeout: float) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise CallFailed("timeout", f"no reply from the launcher within {timeout:.0f} s") from None
+
+    def call(self, command: dict[str, Any], task_id: str) -> dict[str, Any]:
+        wait = float(command.get("timeout") or self.settings.launch_timeout) + REPLY_MARGIN
+        return self.run(self.rpc.call(command, message_id(task_id), wait), wait + 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Celery app.
+
+
+class _SecretResults(logging.Filter):
+    """Celery logs a task's return value at INFO; a launch's is a user token, which stays out of logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, dict) and "return_value" in record.args:
+            record.args = {**record.args, "return_value": "(result not logged)"}
+        return True
+
+
+def make_app(settings: Settings, bridge: Bridge) -> Celery:
+    """A Celery app whose tasks forward to the launcher through ``bridge``."""
+    app = Celery("jupyterhub-launcher-bridge", set_as_current=False)
+    app.conf.update(
+        broker_url=settings.celery_broker,
+        result_backend=settings.celery_result_backend.get_secret_value(),
+        broker_transport_options=settings.celery_broker_transport_options,
+        task_default_queue=settings.celery_queue,
+        # Acknowledged once answered; a task whose bridge died goes back to the queue.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Each thread takes one task at a time: no task waits behind a busy thread in this process
+        # while another bridge could run it.
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        accept_content=["json"],
+        task_serializer="json",
+        result_serializer="json",
+    )
+    prefix = settings.celery_task_prefix
+    raising = settings.celery_raise_errors
+
+    def failed(task: Task, what: str, error: CallFailed, fallback: Any) -> Any:
+        log.warning("%s failed (task %s): %s: %s", what, task.request.id, error.code, error.message)
+        if raising:
+            raise LauncherTaskError(error.code, error.message)
+        return fallback
+
+    @app.task(name=f"{prefix}.launch", bind=True, throws=(LauncherTaskError,))
+    def launch(
+        self: Task,
+        image: Any,
+        username: Any,
+        server_name: Any = "",
+        vols: Any = None,
+        cpu: Any = None,
+        memory: Any = None,
+        gpu: Any = None,
+        json: Any = None,
+        skip_check: bool = True,
+        env: Any = None,
+    ) -> dict[str, Any] | None:
+        what = f"launch {username}/{server_name or ''}"
+        try:
+            command = launch_command(image, username, server_name, vols, cpu, memory, gpu, json, env)
+            if not skip_check:
+                # The older worker's check: refuse when the server exists, whatever its options.
+                try:
+                    bridge.call(target_command("read", username, server_name), f"{self.request.id}-check")
+                except CallFailed as error:
+                    if error.code != "not_found":
+                        raise
+                else:
+                    raise CallFailed("already_running", "the server exists and skip_check is False")
+            return bridge.call(command.model_dump(mode="json", by_alias=True, exclude_none=True), self.request.id)
+        except CallFailed as error:
+            return failed(self, what, error, None)
+
+    @app.task(name=f"{prefix}.read", bind=True, throws=(LauncherTaskError,))
+    def read(self: Task, username: Any, server_name: Any = "") -> dict[str, Any] | None:
+        try:
+            return bridge.call(target_command("read", username, server_name), self.request.id)
+        except CallFailed as error:
+            return failed(self, f"read {username}/{server_name or ''}", error, None)
+
+    @app.task(name=f"{prefix}.remove", bind=True, throws=(LauncherTaskError,))
+    def remove(self: Task, username: Any, server_name: Any = "") -> bool:
+        try:
+            bridge.call(target_command("remove", username, server_name), self.request.id)
+        except CallFailed as error:
+            return failed(self, f"remove {username}/{server_name or ''}", error, False)
+        return True
+
+    return app
+
+
+def run(settings: Settings) -> int:
+    """Run the bridge's Celery worker until it is stopped (SIGTERM: finish running tasks, then exit)."""
+    bridge = Bridge(settings)
+    bridge.start()
+    app = make_app(settings, bridge)
+    logging.getLogger("celery.app.trace").addFilter(_SecretResults())
+    argv = [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={settings.celery_concurrency}",
+        f"--queues={settings.celery_queue}",
+        f"--loglevel={logging.getLevelName(settings.log_level)}",
+        # The bridge needs no remote control or events between workers.
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    try:
+        app.worker_main(argv)
+    finally:
+        bridge.stop()
+    return 0
