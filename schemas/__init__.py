@@ -16,7 +16,7 @@ from .commands import (
 from .events import CONTENT_TYPE as EVENT_CONTENT_TYPE
 from .events import CloudEvent, EventType
 from .quantities import parse_memory
-from .replies import ErrorCode, ErrorInfo, LaunchResult, RemoveResult, Reply
+from .replies import ErrorCode, ErrorInfo, LaunchResult, RemoveResult, Reply, ServerModel
 
 __all__ = [
     "ACTIONS",
@@ -35,6 +35,7 @@ __all__ = [
     "RemoveCommand",
     "RemoveResult",
     "Reply",
+    "ServerModel",
     "Volume",
     "describe_errors",
     "parse_command",

@@ -138,6 +138,8 @@ class LaunchCommand(_Target):
     env: dict[str, str] | None = None
     json_: Annotated[dict[str, Any] | None, Field(alias="json")] = None
     timeout: Annotated[float, Field(gt=0)] | None = None
+    # Seconds after ready when the launcher removes the server (the reply's result.expires_at).
+    ttl: Annotated[float, Field(gt=0)] | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

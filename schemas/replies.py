@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -41,6 +42,23 @@ class LaunchResult(BaseModel):
     memory: MemorySpec | None = None
     gpu: GpuSpec | None = None
     vols: list[Volume] | None = None
+    expires_at: datetime | None = None  # only when the launch had a ttl: when it will be removed
+
+
+class ServerModel(BaseModel):
+    """read: JupyterHub's server model, as the hub returns it (fields vary with its version)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = ""
+    ready: bool = False
+    pending: str | None = None
+    started: datetime | None = None
+    last_activity: datetime | None = None
+    url: str = ""
+    progress_url: str = ""
+    user_options: dict[str, Any] | None = None
+    stopped: bool = False
 
 
 class RemoveResult(BaseModel):
