@@ -19,26 +19,27 @@ a running server returns it, with a fresh token), instead of starting a second o
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import json
+import functools
 import logging
+import secrets
 import threading
-import uuid
 from collections.abc import Coroutine
 from typing import Any
 
-import aio_pika
 from celery import Celery, Task
 from pydantic import ValidationError
 
-from schemas import LaunchCommand, describe_errors
+from schemas import LaunchCommand, ReadCommand, RemoveCommand, describe_errors
 
+from .client import REPLY_MARGIN, LauncherClient, LauncherError
 from .config import Settings
 
 log = logging.getLogger(__name__)
 
-# Waiting for a reply: the launcher's own deadline for the command, plus this margin for queueing.
-REPLY_MARGIN = 60.0
+
+# A task whose launcher connection failed is tried again this often, this many seconds apart.
+MAX_RETRIES = 60
+RETRY_DELAY = 2
 
 
 class LauncherTaskError(Exception):
@@ -114,9 +115,14 @@ def launch_command(
         raise CallFailed("invalid_command", _describe(error)) from None
 
 
-def target_command(action: str, username: Any, server_name: Any = "") -> dict[str, Any]:
-    """A read or remove command; its fields are checked by the launcher (an error names them)."""
-    return {"action": action, "username": username, "server_name": "" if server_name is None else server_name}
+def target_command(action: str, username: Any, server_name: Any = "") -> ReadCommand | RemoveCommand:
+    """A read or remove command; raises ``CallFailed("invalid_command")``."""
+    model = ReadCommand if action == "read" else RemoveCommand
+    body = {"action": action, "username": username, "server_name": "" if server_name is None else server_name}
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise CallFailed("invalid_command", _describe(error)) from None
 
 
 def _describe(error: ValidationError) -> str:
@@ -129,90 +135,55 @@ def message_id(task_id: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The launcher's side: RPC over one connection, owned by an asyncio loop in a background thread.
-
-
-class LauncherRpc:
-    """Commands to the launcher and their replies over one aio-pika connection (direct reply-to)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-
-    async def connect(self) -> None:
-        self.connection = await aio_pika.connect_robust(self.settings.amqp_url.get_secret_value())
-        self.channel = await self.connection.channel()
-        replies = await self.channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
-        await replies.consume(self._on_reply, no_ack=True)
-
-    async def close(self) -> None:
-        await self.connection.close()
-
-    async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        future = self.pending.get(message.correlation_id or "")
-        if future is not None and not future.done():
-            future.set_result(json.loads(message.body))
-
-    async def call(self, command: dict[str, Any], message_id: str, timeout: float) -> dict[str, Any]:
-        """The command's result; raises ``CallFailed`` with the launcher's error code and message."""
-        correlation_id = uuid.uuid4().hex
-        future = self.pending[correlation_id] = asyncio.get_running_loop().create_future()
-        try:
-            await self.channel.default_exchange.publish(
-                aio_pika.Message(
-                    json.dumps(command).encode(),
-                    content_type="application/json",
-                    message_id=message_id,
-                    correlation_id=correlation_id,
-                    reply_to="amq.rabbitmq.reply-to",
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                ),
-                routing_key=self.settings.command_queue,
-            )
-            try:
-                reply = await asyncio.wait_for(future, timeout)
-            except TimeoutError:
-                raise CallFailed("timeout", f"no reply from the launcher within {timeout:.0f} s") from None
-        finally:
-            self.pending.pop(correlation_id, None)
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            raise CallFailed(str(error.get("code", "internal_error")), str(error.get("message", "")))
-        return reply.get("result") or {}
+# The launcher's side: one LauncherClient, owned by an asyncio loop in a background thread.
 
 
 class Bridge:
-    """The launcher connection and its loop, shared by every task of the process."""
+    """The launcher client and its loop, shared by every task of the process."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="launcher-rpc", daemon=True)
-        self.rpc = LauncherRpc(settings)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="launcher-client", daemon=True)
+        self.client = LauncherClient.from_settings(settings, connection_name="jupyterhub-launcher celery-bridge")
 
     def start(self) -> None:
         self.thread.start()
-        self.run(self.rpc.connect(), timeout=60)
+        self._run(self.client.connect(), timeout=60)
 
     def stop(self) -> None:
         if self.thread.is_alive():
             try:
-                self.run(self.rpc.close(), timeout=10)
+                self._run(self.client.close(), timeout=10)
             finally:
                 self.loop.call_soon_threadsafe(self.loop.stop)
                 self.thread.join(10)
 
-    def run(self, coroutine: Coroutine[Any, Any, Any], timeout: float) -> Any:
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise CallFailed("timeout", f"no reply from the launcher within {timeout:.0f} s") from None
+    def _run(self, coroutine: Coroutine[Any, Any, Any], timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-    def call(self, command: dict[str, Any], task_id: str) -> dict[str, Any]:
-        wait = float(command.get("timeout") or self.settings.launch_timeout) + REPLY_MARGIN
-        return self.run(self.rpc.call(command, message_id(task_id), wait), wait + 5)
+    def call(self, command: LaunchCommand | ReadCommand | RemoveCommand, message_id: str) -> dict[str, Any]:
+        """The command's result; raises ``CallFailed`` with the launcher's error code and message.
+
+        Other errors (the launcher's broker unreachable) propagate: the task is retried.
+        """
+        # The client ends the wait itself (the command's timeout plus its margin); this bound only
+        # keeps a thread from waiting forever should the loop itself be stuck.
+        timeout = (getattr(command, "timeout", None) or self.settings.launch_timeout) + 2 * REPLY_MARGIN
+        call = self.client.call(
+            command,
+            message_id=message_id,
+            # Its own correlation id: a redelivered copy of a running task waits beside the first.
+            correlation_id=secrets.token_hex(16),
+        )
+        try:
+            reply = self._run(call, timeout)
+        except LauncherError as error:  # no reply in time, or no command queue
+            raise CallFailed(error.code, error.message) from None
+        if not reply.ok:
+            assert reply.error is not None
+            raise CallFailed(reply.error.code, reply.error.message)
+        return reply.result or {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +214,9 @@ def make_app(settings: Settings, bridge: Bridge) -> Celery:
         # while another bridge could run it.
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
+        # Nothing to control remotely, no events to send: no pidbox or event exchanges on the broker.
+        worker_enable_remote_control=False,
+        worker_send_task_events=False,
         accept_content=["json"],
         task_serializer="json",
         result_serializer="json",
@@ -250,11 +224,19 @@ def make_app(settings: Settings, bridge: Bridge) -> Celery:
     prefix = settings.celery_task_prefix
     raising = settings.celery_raise_errors
 
-    def failed(task: Task, what: str, error: CallFailed, fallback: Any) -> Any:
-        log.warning("%s failed (task %s): %s: %s", what, task.request.id, error.code, error.message)
-        if raising:
-            raise LauncherTaskError(error.code, error.message)
-        return fallback
+    def forward(task: Task, what: str, command: Any, fallback: Any) -> Any:
+        """The launcher's result for ``command`` (a callable making it), or the failure's ``fallback``."""
+        try:
+            return bridge.call(command(), message_id(task.request.id))
+        except CallFailed as error:
+            log.warning("%s failed (task %s): %s: %s", what, task.request.id, error.code, error.message)
+            if raising:
+                raise LauncherTaskError(error.code, error.message) from None
+            return fallback
+        except Exception as error:
+            # The launcher's broker is out of reach: the same task again, shortly (same message id).
+            log.warning("%s (task %s): %s; retrying", what, task.request.id, type(error).__name__)
+            raise task.retry(exc=error, countdown=RETRY_DELAY, max_retries=MAX_RETRIES) from None
 
     @app.task(name=f"{prefix}.launch", bind=True, throws=(LauncherTaskError,))
     def launch(
@@ -270,36 +252,30 @@ def make_app(settings: Settings, bridge: Bridge) -> Celery:
         skip_check: bool = True,
         env: Any = None,
     ) -> dict[str, Any] | None:
-        what = f"launch {username}/{server_name or ''}"
-        try:
-            command = launch_command(image, username, server_name, vols, cpu, memory, gpu, json, env)
+        def command() -> LaunchCommand:
+            launch = launch_command(image, username, server_name, vols, cpu, memory, gpu, json, env)
             if not skip_check:
-                # The older worker's check: refuse when the server exists, whatever its options.
+                # The older worker's check: no launch when the server exists, whatever its options.
                 try:
-                    bridge.call(target_command("read", username, server_name), f"{self.request.id}-check")
+                    bridge.call(target_command("read", username, server_name), f"{message_id(self.request.id)}-check")
                 except CallFailed as error:
                     if error.code != "not_found":
                         raise
                 else:
                     raise CallFailed("already_running", "the server exists and skip_check is False")
-            return bridge.call(command.model_dump(mode="json", by_alias=True, exclude_none=True), self.request.id)
-        except CallFailed as error:
-            return failed(self, what, error, None)
+            return launch
+
+        return forward(self, f"launch {username}/{server_name or ''}", command, None)
 
     @app.task(name=f"{prefix}.read", bind=True, throws=(LauncherTaskError,))
     def read(self: Task, username: Any, server_name: Any = "") -> dict[str, Any] | None:
-        try:
-            return bridge.call(target_command("read", username, server_name), self.request.id)
-        except CallFailed as error:
-            return failed(self, f"read {username}/{server_name or ''}", error, None)
+        command = functools.partial(target_command, "read", username, server_name)
+        return forward(self, f"read {username}/{server_name or ''}", command, None)
 
     @app.task(name=f"{prefix}.remove", bind=True, throws=(LauncherTaskError,))
     def remove(self: Task, username: Any, server_name: Any = "") -> bool:
-        try:
-            bridge.call(target_command("remove", username, server_name), self.request.id)
-        except CallFailed as error:
-            return failed(self, f"remove {username}/{server_name or ''}", error, False)
-        return True
+        command = functools.partial(target_command, "remove", username, server_name)
+        return forward(self, f"remove {username}/{server_name or ''}", command, False) is not False
 
     return app
 
@@ -316,9 +292,10 @@ def run(settings: Settings) -> int:
         f"--concurrency={settings.celery_concurrency}",
         f"--queues={settings.celery_queue}",
         f"--loglevel={logging.getLevelName(settings.log_level)}",
-        # The bridge needs no remote control or events between workers.
+        # Bridges need not know of one another.
         "--without-gossip",
         "--without-mingle",
+        "--without-heartbeat",
     ]
     try:
         app.worker_main(argv)
