@@ -150,6 +150,7 @@ class Worker:
         """Answer, then settle: ack (or dead-letter) once the answer is confirmed, else requeue,
         so that the command runs again (at most ``delivery_limit`` times) rather than hang unacked."""
         if await self._answer(message, reply):
+            await self._answer_copies(run, message, reply)
             await _settle(run, dead_letter=dead_letter)
         else:
             await _settle(run, requeue=True)
@@ -167,6 +168,18 @@ class Worker:
             log.error("could not publish the reply to %s: %s", message.message_id, type(error).__name__)
             return False
         return True
+
+    async def _answer_copies(self, run: _Run, first: AbstractIncomingMessage, reply: Reply) -> None:
+        """The RPC reply to each copy that joined the run under its own ``reply_to`` (a caller whose
+        first attempt was lost with its connection is waiting there); the result event went out once."""
+        body = reply.model_dump_json().encode()
+        for copy in run.deliveries:  # copies that join while replies go out are answered too
+            if copy is first or not copy.reply_to:
+                continue
+            try:
+                await self.broker.reply(copy.reply_to, copy.correlation_id, body)
+            except Exception as error:  # best effort: the result event has the outcome
+                log.info("could not reply to a copy of %s: %s", copy.message_id, type(error).__name__)
 
     def _emit(
         self,

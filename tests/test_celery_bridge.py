@@ -66,6 +66,28 @@ def test_an_invalid_argument_names_the_field_and_the_reason() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The launcher: a redelivered task's command joins the running one and is answered too.
+
+
+async def test_a_copy_that_joins_a_running_command_gets_the_reply_at_its_own_reply_queue(
+    service: None, settings: Settings, username: str
+) -> None:
+    command = {"action": "launch", "username": username, "image": "standin:slow-2"}
+    async with Client(settings) as first, Client(settings) as second:
+        first_id = await first.send(command, message_id="task-1")
+        async with asyncio.timeout(30):
+            while not any(e["type"] == "launch.accepted" for e in first.events_for(first_id)):
+                await asyncio.sleep(0.05)
+        second_id = await second.send(command, message_id="task-1")  # the bridge after a restart
+
+        replies = [await first.reply(first_id, timeout=60), await second.reply(second_id, timeout=60)]
+
+    assert [r["ok"] for r in replies] == [True, True], replies
+    assert replies[0]["result"]["token"] == replies[1]["result"]["token"]  # one launch, one answer
+    assert [e["type"] for e in first.events].count("launch.accepted") == 1
+
+
+# ---------------------------------------------------------------------------------------------
 # Integration: brokers, the bridge process, the older worker's kind of client.
 
 
@@ -311,3 +333,138 @@ async def test_with_raise_errors_a_failure_raises_with_the_launchers_code_and_me
     with pytest.raises(LauncherTaskError) as missing:
         await old_client.call("read", username, "nothing")
     assert missing.value.code == "not_found"
+
+
+async def test_the_example_client_of_the_older_worker_runs_unchanged(
+    service: None, redis_brokers: Brokers, start_bridge: Callable[..., BridgeProcess], username: str
+) -> None:
+    start_bridge(redis_brokers)
+    example = ROOT / "examples" / "celery-client"
+    env = {
+        **os.environ,
+        "CELERY_BROKER_URL": redis_brokers.broker,
+        "CELERY_RESULT_BACKEND": redis_brokers.backend,
+        "CELERY_QUEUE": redis_brokers.queue,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "launch_notebook.py", username, "standin",
+        cwd=example, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    output = (await asyncio.wait_for(process.communicate(), 240))[0].decode()
+
+    assert process.returncode == 0, output
+    assert re.search(rf"^launched: http://\S+/user/{username}/$", output, re.M), output
+    assert "ready: True" in output and "removed: True" in output, output
+
+
+async def queued(settings: Settings) -> int:
+    """Commands waiting in the launcher's queue (not yet delivered to a launcher)."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(settings.command_queue, passive=True)
+        return queue.declaration_result.message_count or 0
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return cuts[49], cuts[94]
+
+
+@pytest.mark.timeout(900)
+async def test_two_hundred_launch_tasks_in_flight_in_one_bridge_all_succeed_and_what_the_bridge_adds(
+    settings: Settings, redis_brokers: Brokers, start_bridge: Callable[..., BridgeProcess], username: str
+) -> None:
+    # Fewer launches at once in the launcher than the hub's concurrent_spawn_limit (100), so that no
+    # start is throttled (429, retried after 30-60 s); the rest wait in the launcher's queue.
+    launcher = settings.model_copy(update={"max_concurrency": 50})
+    caller = OldClient(redis_brokers)
+    async with running_service(launcher):
+        pass  # the launcher's queue now exists; the launcher is stopped
+    start_bridge(redis_brokers)
+
+    # 1. In flight at once: with the launcher stopped, all 200 commands wait in its queue, each for
+    #    a task that a thread of the one bridge process is running.
+    names = [f"{username}-{i}" for i in range(200)]
+    tasks = await caller.run(lambda: [caller.app.send_task("launcher-worker.launch", args=["standin", n]) for n in names])
+    async with asyncio.timeout(180):
+        while await queued(settings) < 200:
+            await asyncio.sleep(0.2)
+    async with running_service(launcher), Client(settings) as direct:
+        results = await caller.run(lambda: [t.get(timeout=300) for t in tasks])
+        assert [r["url"].endswith(f"/user/{n}/") for r, n in zip(results, names)] == [True] * 200, results
+        await remove_all(direct, names)
+
+        # 2. What the bridge adds: 200 launches at once as direct AMQP commands, then as Celery tasks.
+        direct_names = [f"{username}-d{i}" for i in range(200)]
+
+        async def launch_directly(name: str) -> float:
+            started = time.time()
+            reply = await direct.call({"action": "launch", "username": name, "image": "standin"}, timeout=300)
+            assert reply["ok"], reply
+            return time.time() - started
+
+        direct_times = await asyncio.gather(*(launch_directly(n) for n in direct_names))
+        await remove_all(direct, direct_names)
+
+        bridged_names = [f"{username}-b{i}" for i in range(200)]
+
+        def launch_through_the_bridge() -> list[float]:
+            sent = [(time.time(), caller.app.send_task("launcher-worker.launch", args=["standin", n])) for n in bridged_names]
+            times = []
+            for started, task in sent:
+                assert task.get(timeout=300) is not None
+                done: datetime = task.date_done  # when the bridge stored the result
+                times.append(done.timestamp() - started)
+            return times
+
+        bridged_times = await caller.run(launch_through_the_bridge)
+        await remove_all(direct, bridged_names)
+    caller.close()
+
+    (d50, d95), (b50, b95) = percentiles(list(direct_times)), percentiles(bridged_times)
+    print(
+        f"\n200 concurrent launches, send to answer: direct AMQP p50 {d50 * 1000:.0f} ms p95 {d95 * 1000:.0f} ms;"
+        f" Celery task through the bridge p50 {b50 * 1000:.0f} ms p95 {b95 * 1000:.0f} ms;"
+        f" the bridge adds p50 {(b50 - d50) * 1000:+.0f} ms, p95 {(b95 - d95) * 1000:+.0f} ms"
+    )
+
+
+async def remove_all(direct: Client, names: list[str]) -> None:
+    replies = await asyncio.gather(*(direct.call({"action": "remove", "username": n}, timeout=300) for n in names))
+    assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]][:3]
+
+
+@pytest.mark.timeout(600)
+async def test_a_bridge_killed_with_launches_in_flight_restarts_and_every_task_gets_its_result_once(
+    hub: LocalHub, service: None, client: Client, start_bridge: Callable[..., BridgeProcess], username: str
+) -> None:
+    brokers = Brokers("redis")
+    # Redis gives an unacknowledged task back after the visibility timeout (default: an hour).
+    brokers.transport_options = {"visibility_timeout": 10, "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
+    caller = OldClient(brokers)
+    try:
+        first = start_bridge(brokers)
+        names = [f"{username}-{i}" for i in range(10)]
+        tasks = await caller.run(
+            lambda: [caller.app.send_task("launcher-worker.launch", args=["standin:slow-6", n]) for n in names]
+        )
+        async with asyncio.timeout(120):  # every launch has reached the launcher
+            while {e["subject"] for e in client.events if e["type"] == "launch.accepted"} < {f"{n}/" for n in names}:
+                await asyncio.sleep(0.1)
+        first.kill()
+        assert not any(t.ready() for t in tasks)
+
+        second = start_bridge(brokers)
+        results = await caller.run(lambda: [t.get(timeout=300) for t in tasks])
+
+        assert [isinstance(r, dict) and r["url"].endswith(f"/user/{n}/") for r, n in zip(results, names)] == [True] * 10
+        hub_log = hub.log_path.read_text(errors="replace")
+        assert {n: hub_log.count(f"User {n} took ") for n in names} == {n: 1 for n in names}  # one start each
+        assert second.stop() == 0
+        assert "Warm shutdown" in second.log()
+        replies = await asyncio.gather(*(client.call({"action": "remove", "username": n}) for n in names))
+        assert all(r["ok"] for r in replies)
+    finally:
+        caller.close()
+        brokers.cleanup()
