@@ -46,8 +46,8 @@ class LauncherTaskError(Exception):
     """A failed call, raised to Celery clients when ``celery_raise_errors`` is on.
 
     ``args`` is ``(code, message)``, so Celery's JSON result serialisation carries both and rebuilds
-    the exception on the client (as this class where ``consumer.celery_bridge`` is importable, else
-    as a class of the same name that Celery makes); ``code`` is the launcher's error code
+    the exception on the client (as this class where ``consumer.celery_bridge`` has been imported,
+    else as a class of the same name that Celery makes); ``code`` is the launcher's error code
     (``invalid_command``, ``spawn_failed``, ``not_found``, ...).
     """
 
