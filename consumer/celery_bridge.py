@@ -23,6 +23,7 @@ import functools
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -31,7 +32,7 @@ from pydantic import ValidationError
 
 from schemas import LaunchCommand, ReadCommand, RemoveCommand, describe_errors
 
-from .client import REPLY_MARGIN, LauncherClient, LauncherError
+from .client import REPLY_MARGIN, LauncherClient, LauncherError, ReplyTimeout
 from .config import Settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 # A task whose launcher connection failed is tried again this often, this many seconds apart.
 MAX_RETRIES = 60
 RETRY_DELAY = 2
+# How often a command is sent (same message id) when its reply does not come in time.
+SEND_ATTEMPTS = 3
 
 
 class LauncherTaskError(Exception):
@@ -165,21 +168,30 @@ class Bridge:
     def call(self, command: LaunchCommand | ReadCommand | RemoveCommand, message_id: str) -> dict[str, Any]:
         """The command's result; raises ``CallFailed`` with the launcher's error code and message.
 
-        Other errors (the launcher's broker unreachable) propagate: the task is retried.
+        A reply that does not come in time may have been lost (direct reply-to is at-most-once: a
+        broker restart loses the replies on their way), so the command is sent again, with the same
+        ``message_id``: the launcher answers it from the run still going, or runs it again, which
+        launch, read and remove allow. Other errors (the launcher's broker unreachable) propagate.
         """
-        # The client ends the wait itself (the command's timeout plus its margin); this bound only
+        # The client ends each wait itself (the command's timeout plus its margin); this bound only
         # keeps a thread from waiting forever should the loop itself be stuck.
         timeout = (getattr(command, "timeout", None) or self.settings.launch_timeout) + 2 * REPLY_MARGIN
-        call = self.client.call(
-            command,
-            message_id=message_id,
-            # Its own correlation id: a redelivered copy of a running task waits beside the first.
-            correlation_id=secrets.token_hex(16),
-        )
-        try:
-            reply = self._run(call, timeout)
-        except LauncherError as error:  # no reply in time, or no command queue
-            raise CallFailed(error.code, error.message) from None
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            call = self.client.call(
+                command,
+                message_id=message_id,
+                # Its own correlation id: a redelivered copy of a running task waits beside the first.
+                correlation_id=secrets.token_hex(16),
+            )
+            try:
+                reply = self._run(call, timeout)
+                break
+            except ReplyTimeout as error:
+                if attempt == SEND_ATTEMPTS:
+                    raise CallFailed(error.code, error.message) from None
+                log.warning("%s: %s; sending it again (%d of %d)", message_id, error.message, attempt + 1, SEND_ATTEMPTS)
+            except LauncherError as error:  # no command queue
+                raise CallFailed(error.code, error.message) from None
         if not reply.ok:
             assert reply.error is not None
             raise CallFailed(reply.error.code, reply.error.message)
@@ -226,8 +238,11 @@ def make_app(settings: Settings, bridge: Bridge) -> Celery:
 
     def forward(task: Task, what: str, command: Any, fallback: Any) -> Any:
         """The launcher's result for ``command`` (a callable making it), or the failure's ``fallback``."""
+        started = time.monotonic()
         try:
-            return bridge.call(command(), message_id(task.request.id))
+            result = bridge.call(command(), message_id(task.request.id))
+            log.info("%s answered in %.0f ms (task %s)", what, (time.monotonic() - started) * 1000, task.request.id)
+            return result
         except CallFailed as error:
             log.warning("%s failed (task %s): %s: %s", what, task.request.id, error.code, error.message)
             if raising:
