@@ -382,6 +382,25 @@ async def test_the_example_client_of_the_older_worker_runs_unchanged(
     assert "ready: True" in output and "removed: True" in output, output
 
 
+async def test_sigterm_lets_the_tasks_in_flight_finish_then_the_bridge_exits_0(
+    service: None, client: Client, redis_brokers: Brokers, start_bridge: Callable[..., BridgeProcess], username: str
+) -> None:
+    bridge = start_bridge(redis_brokers)
+    caller = OldClient(redis_brokers)
+    task = await caller.run(lambda: caller.app.send_task("launcher-worker.launch", args=["standin:slow-3", username]))
+    async with asyncio.timeout(60):
+        while not any(e["type"] == "launch.accepted" and e["subject"] == f"{username}/" for e in client.events):
+            await asyncio.sleep(0.05)
+
+    exit_code = await asyncio.to_thread(bridge.stop)
+    result = await caller.run(lambda: task.get(timeout=60))
+    caller.close()
+
+    assert exit_code == 0, bridge.log()
+    assert isinstance(result, dict) and result["url"].endswith(f"/user/{username}/")
+    assert (await client.call({"action": "remove", "username": username}))["ok"]
+
+
 async def queued(settings: Settings) -> int:
     """Commands waiting in the launcher's queue (not yet delivered to a launcher)."""
     connection = await aio_pika.connect(AMQP_URL)
