@@ -27,8 +27,10 @@ import redis
 import yaml
 from celery import Celery
 
-from consumer.celery_bridge import LauncherTaskError, launch_command
+from consumer.celery_bridge import Bridge, CallFailed, LauncherTaskError, launch_command
+from consumer.client import LauncherClient
 from consumer.config import Settings
+from schemas import ReadCommand
 from tests.conftest import AMQP_URL, Client, running_service, unique
 from tests.support.localhub import ROOT, LocalHub
 
@@ -56,8 +58,6 @@ def test_the_older_workers_none_values_mean_not_set() -> None:
 
 
 def test_an_invalid_argument_names_the_field_and_the_reason() -> None:
-    from consumer.celery_bridge import CallFailed
-
     with pytest.raises(CallFailed) as caught:
         launch_command("img", "alice", memory={"request": "1G", "limit": "4X"})
     assert caught.value.code == "invalid_command"
@@ -109,6 +109,32 @@ async def test_a_copy_that_joins_a_running_command_gets_the_reply_at_its_own_rep
     assert [r["ok"] for r in replies] == [True, True], replies
     assert replies[0]["result"]["token"] == replies[1]["result"]["token"]  # one launch, one answer
     assert [e["type"] for e in first.events].count("launch.accepted") == 1
+
+
+async def test_a_reply_that_does_not_come_is_asked_for_again_under_the_same_message_id(
+    settings: Settings, caplog: pytest.LogCaptureFixture, username: str
+) -> None:
+    settings = settings.model_copy(update={"launch_timeout": 2})
+    async with running_service(settings):
+        pass  # the launcher's queue exists; the launcher is stopped, so the first send gets no reply
+    bridge = Bridge(settings)
+    bridge.client = LauncherClient.from_settings(settings, reply_margin=5)  # 7 s per attempt
+    bridge.start()
+    try:
+        call = asyncio.ensure_future(
+            asyncio.to_thread(bridge.call, ReadCommand(action="read", username=username), "task-7")
+        )
+        async with asyncio.timeout(60):
+            while await queued(settings) < 2:  # sent again after the first wait
+                await asyncio.sleep(0.1)
+        async with running_service(settings):
+            with pytest.raises(CallFailed) as answered:
+                await asyncio.wait_for(call, 60)
+    finally:
+        await asyncio.to_thread(bridge.stop)
+
+    assert answered.value.code == "not_found"  # the launcher's answer, not a timeout
+    assert "task-7: no reply to read" in caplog.text and "sending it again (2 of 3)" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------
