@@ -10,6 +10,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from . import terminal
 from .config import ConfigError, Settings, load_settings
 
 # These log whole AMQP frames, message bodies (user tokens) included, at DEBUG.
@@ -33,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", default=None, help="YAML config file (default: ./config.yaml if present)")
     bridge = commands.add_parser("celery-bridge", help="answer the older Celery worker's tasks (extra 'celery')")
     bridge.add_argument("--config", default=None, help="YAML config file (default: ./config.yaml if present)")
+    terminal.add_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in terminal.COMMANDS:
+        return terminal.main(args)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

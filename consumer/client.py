@@ -30,7 +30,13 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from aio_pika.exceptions import DeliveryError
 from pydantic import BaseModel, ValidationError
 
@@ -181,6 +187,7 @@ class LauncherClient:
         self._pending: dict[str, asyncio.Future[Reply]] = {}
         self._events_channel: AbstractChannel | None = None
         self._events_queue: AbstractQueue | None = None
+        self._events_exchange: AbstractExchange | None = None
         self._bound: set[str] = set()
         self._events_lock = asyncio.Lock()
         self._progress: dict[str, _ProgressPump] = {}
@@ -225,7 +232,7 @@ class LauncherClient:
     async def close(self) -> None:
         for future in self._pending.values():
             if not future.done():
-                future.cancel()
+                future.set_exception(ConnectionError("the LauncherClient was closed before the reply came"))
         for stream in list(self._streams):
             stream._close()
         if self._connection is not None:
@@ -406,15 +413,15 @@ class LauncherClient:
                 raise RuntimeError("LauncherClient is not connected")
             if self._events_queue is None:
                 self._events_channel = await self._connection.channel(publisher_confirms=False)
-                exchange = await self._events_channel.declare_exchange(
+                self._events_exchange = await self._events_channel.declare_exchange(
                     self.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
                 )
-                self._events_exchange_obj = exchange
                 self._events_queue = await self._events_channel.declare_queue(exclusive=True, auto_delete=True)
                 await self._events_queue.consume(self._on_event, no_ack=True)
             for pattern in patterns:
                 if pattern not in self._bound:
-                    await self._events_queue.bind(self._events_exchange_obj, pattern)
+                    assert self._events_exchange is not None
+                    await self._events_queue.bind(self._events_exchange, pattern)
                     self._bound.add(pattern)
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:

@@ -154,6 +154,12 @@ class HubClient:
         )
         return data["token"], data["id"]
 
+    async def list_tokens(self, username: str) -> list[dict[str, Any]]:
+        """The user's API tokens (``id``, ``note``, ``created``, ``expires_at``; never the token
+        itself); none when there is no such user."""
+        status, data = await self._request("GET", _user_path(username) + "/tokens", ok=(200, 404))
+        return list((data or {}).get("api_tokens") or []) if status == 200 else []
+
     async def revoke_token(self, username: str, token_id: str) -> None:
         await self._request(
             "DELETE", _user_path(username) + f"/tokens/{quote(token_id)}", ok=(204, 404)

@@ -10,6 +10,7 @@ import aiohttp
 
 from .broker import Broker
 from .config import Settings
+from .expiry import Expiry
 from .hub import HubClient
 from .worker import Worker
 from .workflows import Workflows
@@ -33,6 +34,8 @@ async def serve(
         broker = Broker(settings)
         await broker.connect()
         worker = Worker(settings, broker, Workflows(hub, settings))
+        worker.expiry = expiry = Expiry(settings, broker, hub, worker.workflows, worker.locks)
+        await expiry.start()
         await broker.consume(worker.on_message)
         log.info(
             "consuming %s (hub %s, %s event loop)",
@@ -47,6 +50,7 @@ async def serve(
         finally:
             log.info("shutting down")
             await broker.stop_consuming()
+            await expiry.stop()
             await worker.drain(settings.shutdown_grace)
             await broker.close()
             for sig in (signal.SIGTERM, signal.SIGINT):

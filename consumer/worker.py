@@ -77,6 +77,7 @@ class Worker:
         self.runs: dict[str, _Run] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.locks = KeyedLocks()
+        self.expiry: Any = None  # consumer.expiry.Expiry: records launches' ttl (set by the service)
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         key = _identity(message)
@@ -120,6 +121,8 @@ class Worker:
 
         try:
             result = await self.workflows.run(command, emit)
+            if isinstance(command, LaunchCommand) and command.ttl is not None and self.expiry is not None:
+                result = await self.expiry.schedule(command, result, message.correlation_id)
         except CommandFailed as error:
             log.info("%s %s/%s: %s", command.action, command.username, command.server_name, error)
             info = ErrorInfo(code=error.code, message=error.message, details=error.details)  # type: ignore[arg-type]
