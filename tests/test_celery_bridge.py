@@ -57,11 +57,18 @@ def test_the_older_workers_none_values_mean_not_set() -> None:
     assert command.server_name == ""
 
 
-def test_an_invalid_argument_names_the_field_and_the_reason() -> None:
+@pytest.mark.parametrize(
+    ("memory", "words"),
+    [
+        ({"request": "1G", "limit": "4X"}, "memory.limit: '4X' is not a memory quantity"),
+        ("4X", "memory: Input should be a valid dictionary"),  # the older API had no bare quantities
+    ],
+)
+def test_an_invalid_argument_names_the_field_and_the_reason(memory: object, words: str) -> None:
     with pytest.raises(CallFailed) as caught:
-        launch_command("img", "alice", memory={"request": "1G", "limit": "4X"})
+        launch_command("img", "alice", memory=memory)
     assert caught.value.code == "invalid_command"
-    assert "memory.limit" in caught.value.message and "'4X' is not a memory quantity" in caught.value.message
+    assert words in caught.value.message, caught.value.message
 
 
 def test_the_bridges_keys_default_to_the_older_workers_set_up_and_read_the_environment(tmp_path: Path) -> None:
