@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench schemas rabbitmq clean
+.PHONY: setup demo test bench schemas rabbitmq redis clean
 
-setup: $(VENV)/.installed node_modules/.installed rabbitmq
+setup: $(VENV)/.installed node_modules/.installed rabbitmq redis
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ node_modules/.installed: package.json
 
 rabbitmq:
 	@scripts/ensure-rabbitmq
+
+# The Celery bridge's tests: a Redis of their own on 127.0.0.1:6390 (TEST_REDIS_PORT).
+redis:
+	@scripts/ensure-redis
 
 demo: setup
 	$(PY) -m tests.support.demo

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Consume launch, remove and read commands until SIGTERM or SIGINT.",
     )
     run.add_argument("--config", default=None, help="YAML config file (default: ./config.yaml if present)")
+    bridge = commands.add_parser("celery-bridge", help="answer the older Celery worker's tasks (extra 'celery')")
+    bridge.add_argument("--config", default=None, help="YAML config file (default: ./config.yaml if present)")
     terminal.add_commands(commands)
     args = parser.parse_args(argv)
     if args.command in terminal.COMMANDS:
@@ -48,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jupyterhub-launcher: {error}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    if args.command == "celery-bridge":
+        from .celery_bridge import run as run_bridge  # Celery only where the bridge runs
+
+        return run_bridge(settings)
 
     from .broker import QueueMismatch
     from .service import serve  # the service's dependencies only when it runs

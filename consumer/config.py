@@ -6,6 +6,7 @@ Precedence, lowest first: defaults, the YAML file, ``JUPYTERHUB_API_TOKEN``/``JU
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -75,6 +76,17 @@ class Settings(BaseModel):
     # /healthz, /readyz and /metrics (health.py); port 0 turns the endpoint off.
     health_host: str = "0.0.0.0"
     health_port: int = Field(8090, ge=0, le=65535)
+    # The Celery bridge (`jupyterhub-launcher celery-bridge`) that serves the older worker's clients.
+    celery_broker_url: SecretStr | None = None  # None: amqp_url
+    celery_result_backend: SecretStr = SecretStr("rpc://")
+    celery_queue: str = Field("celery", min_length=1)
+    celery_task_prefix: str = Field("launcher-worker", min_length=1)
+    celery_raise_errors: bool = False
+    # Tasks in flight at once in the bridge (threads that wait for replies; the launcher does the work).
+    celery_concurrency: int = Field(200, gt=0)
+    # kombu's transport options, e.g. Redis' visibility_timeout: how long before an unacknowledged
+    # task (its bridge died) is delivered again. A mapping, or JSON in LAUNCHER_CELERY_BROKER_TRANSPORT_OPTIONS.
+    celery_broker_transport_options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -104,6 +116,11 @@ class Settings(BaseModel):
             raise ValueError("names no host (amqp://user:password@host:port/vhost)")
         return value
 
+    @field_validator("celery_broker_transport_options", mode="before")
+    @classmethod
+    def _json_mapping(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
     @field_validator("jupyterhub_api_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
@@ -122,6 +139,10 @@ class Settings(BaseModel):
     @property
     def public_url(self) -> str:
         return str(self.jupyterhub_public_url).rstrip("/")
+
+    @property
+    def celery_broker(self) -> str:
+        return (self.celery_broker_url or self.amqp_url).get_secret_value()
 
     @property
     def dead_letter_exchange(self) -> str:
