@@ -8,6 +8,7 @@ import signal
 
 import aiohttp
 
+from .admission import Admission
 from .broker import Broker
 from .config import Settings
 from .hub import HubClient
@@ -29,7 +30,8 @@ async def serve(
     # The hub may be asked for hundreds of progress streams at once: no per-host connection cap.
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        hub = HubClient(session, settings.hub_api_url, settings.jupyterhub_api_token.get_secret_value())
+        admission = Admission(settings.hub_max_requests, settings.hub_max_pending_spawns)
+        hub = HubClient(session, settings.hub_api_url, settings.jupyterhub_api_token.get_secret_value(), admission=admission)
         broker = Broker(settings)
         await broker.connect()
         worker = Worker(settings, broker, Workflows(hub, settings))

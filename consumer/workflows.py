@@ -17,6 +17,7 @@ import aiohttp
 
 from schemas import LaunchCommand, ReadCommand, RemoveCommand
 
+from .admission import admitted_launch
 from .config import Settings
 from .hub import HubClient, HubError, HubUnavailable
 
@@ -92,7 +93,10 @@ class Workflows:
         try:
             with _hub_errors():
                 async with asyncio.timeout_at(deadline):
-                    result = await launch.run()
+                    # Waits in the launcher while the hub is busy or full (the time counts against
+                    # the launch's timeout); the spawn slot frees when run() returns or raises.
+                    async with admitted_launch(self.hub.admission, launch.queued):
+                        result = await launch.run()
         except TimeoutError:
             await launch.clean_up()
             error = CommandFailed(
@@ -189,6 +193,15 @@ class _Launch:
             )
         self._check_options(server, options)
         return await self._result(server)
+
+    def queued(self, position: int) -> None:
+        """The launcher holds this launch back (admission control): say so, with its position
+        (0: no longer queued, its start is sent)."""
+        if position == 0:
+            self.last_message = ""
+            return
+        self.last_message = f"queued in the launcher at position {position}"
+        self.emit("launch.progress", {"progress": 0, "message": self.last_message, "queue_position": position})
 
     def _check_options(self, server: dict[str, Any] | None, options: dict[str, Any]) -> None:
         """A 202 may mean someone else's spawn was already pending: the hub ignored our options."""
