@@ -304,6 +304,12 @@ class SpawnLimit:
                 self._grant()  # no longer ahead of new starts
 
 
+async def spawn_slot(admission: Admission | None) -> None:
+    """``admission.spawn_slot()``, or nothing without admission control."""
+    if admission is not None:
+        await admission.spawn_slot()
+
+
 def admitted_launch(
     admission: Admission | None, on_queued: Callable[[int], None]
 ) -> contextlib.AbstractAsyncContextManager[None]:
@@ -360,16 +366,23 @@ class Admission:
                 self.spawns.release(ok)
             _order.reset(order)
 
+    async def spawn_slot(self) -> None:
+        """Inside ``launch()``: wait for one of our spawn slots, held until the launch ends (once;
+        a START request takes it itself if not taken yet)."""
+        lane, ticket = _order.get()
+        if lane == LANE_LAUNCH and ticket not in self._spawning:
+            await self.spawns.acquire(ticket)
+            self._spawning.add(ticket)
+
     @contextlib.asynccontextmanager
     async def request(self, kind: Kind) -> AsyncIterator[Slot]:
         """One hub request's slot. A CHEAP request's answer time (the block ending without an
         exception) is a sample; a STREAM's caller releases its slot once the response starts. A
         launch's START first takes a spawn slot (once: a retry keeps it)."""
         loop = asyncio.get_running_loop()
-        lane, ticket = _order.get()
-        if kind is Kind.START and lane == LANE_LAUNCH and ticket not in self._spawning:
-            await self.spawns.acquire(ticket)
-            self._spawning.add(ticket)
+        ticket = _order.get()[1]
+        if kind is Kind.START:
+            await self.spawn_slot()
         slot = await self.requests.acquire()
         began = loop.time()
         hold: asyncio.TimerHandle | None = None

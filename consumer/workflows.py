@@ -17,7 +17,7 @@ import aiohttp
 
 from schemas import LaunchCommand, ReadCommand, RemoveCommand
 
-from .admission import admitted_launch
+from .admission import admitted_launch, spawn_slot
 from .config import Settings
 from .hub import HubClient, HubError, HubUnavailable
 
@@ -144,6 +144,8 @@ class _Launch:
         username, server_name = self.command.username, self.command.server_name
         options = self.command.user_options()
         await self.hub.ensure_user(username)
+        # While the hub is at its spawn limit, wait here: no start, token or progress requests yet.
+        await spawn_slot(self.hub.admission)
         start = asyncio.create_task(self._start(options))
         # The hub serves one request at a time: the token request, sent right behind the start,
         # is answered once the spawn is pending, so it costs the caller nothing, and from then on
