@@ -208,7 +208,7 @@ def targets(rounds: list[dict[str, Any]]) -> list[str]:
         if p95 is not None:
             out.append(f"[{'met' if p95 <= 0.25 else 'MISS':>4}] probe p95 during the burst <= 250 ms "
                        f"(limit {r['limit'] or 'none'}, {r['delay']:g} s): {_ms(p95)} ms")
-        base = next((b for b in rounds if b["system"] != "launcher" and b["limit"] == r["limit"]
+        base = next((b for b in rounds if b["system"] == "base" and b["limit"] == r["limit"]
                      and b["delay"] == r["delay"]), None)
         if base is not None:
             ratio = r["wall_s"] / base["wall_s"]

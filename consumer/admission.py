@@ -70,6 +70,7 @@ BASE_WINDOW, BASE_BUCKETS = 300.0, 10
 MIN_ROUND = 0.05  # the limit changes at most once per round trip, and at most every 50 ms
 MIN_HOLD, MAX_HOLD = 0.01, 2.0  # how long a start or stop request counts as in flight, bounds
 QUEUE_REPORT_INTERVAL = 5.0  # seconds between position reports of one queued launch
+LOG_INTERVAL = 10.0  # seconds between log lines of the limits while launches are queued
 
 
 class Kind(enum.Enum):
@@ -427,9 +428,20 @@ class Admission:
 
     async def _report_positions(self) -> None:
         loop = asyncio.get_running_loop()
+        logged = 0.0
         while self._queued:
             await asyncio.sleep(QUEUE_REPORT_INTERVAL / 5)
             now = loop.time()
+            if now - logged >= LOG_INTERVAL:
+                logged = now
+                state = self.snapshot()
+                log.info(
+                    "admission: %d launches queued; hub requests %d in flight (limit %d), %d waiting, answer %.0f ms "
+                    "(idle %.0f ms); spawns %d pending (limit %s), %d waiting",
+                    state["launches_queued"], state["requests_in_flight"], state["requests_limit"],
+                    state["requests_waiting"], (state["hub_answer_s"] or 0) * 1000, (state["hub_idle_answer_s"] or 0) * 1000,
+                    state["spawns_pending"], state["spawns_limit"] or "unknown", state["spawns_waiting"],
+                )
             for position, ticket in enumerate(sorted(self._queued), 1):
                 queued = self._queued[ticket]
                 if queued.reported and queued.reported != position and now - queued.reported_at >= QUEUE_REPORT_INTERVAL:
