@@ -252,7 +252,8 @@ class SpawnLimit:
     def release(self, ok: bool) -> None:
         """One of ours is ready (``ok``) or failed, or gave up waiting: its slot frees."""
         self.pending -= 1
-        if ok and self.limit is not None and not self.fixed:
+        # Growth is tried only where the limit holds launches back, not during a quiet hour.
+        if ok and self.limit is not None and not self.fixed and self.waiting:
             self._ready_since_growth += 1
             if self._ready_since_growth >= self.limit * self._growth_factor:
                 if self._probing:  # the last growth met no 429: grow sooner next time
@@ -302,7 +303,9 @@ class SpawnLimit:
             self.throttled -= 1
             if not future.done():
                 future.cancel()
-                self._grant()  # no longer ahead of new starts
+            # No longer ahead of new starts; and a slot given to a retry that was cancelled just
+            # then (its launch timed out) must not stay unused.
+            self._grant()
 
 
 async def spawn_slot(admission: Admission | None) -> None:

@@ -125,24 +125,30 @@ async def test_the_learned_spawn_limit_grows_after_as_many_ready_spawns_as_it_is
     async def start() -> None:
         await asyncio.wait_for(spawns.acquire(0), 1)
 
+    async def ready_while_one_waits() -> None:
+        waiting = asyncio.create_task(spawns.acquire(0))  # the limit holds a launch back...
+        await asyncio.sleep(0)
+        spawns.release(ok=True)  # ...when one of ours is ready: its slot goes to the waiting one
+        await asyncio.wait_for(waiting, 1)
+
     for _ in range(4):
         await start()
     spawns.refused()  # the 4th refused: full at 3
     spawns.release(ok=False)  # (the refused one gives up)
     assert spawns.limit == 3
+    spawns.release(ok=True)  # ready while nobody waits: no reason to grow
+    await start()
     for _ in range(3):
-        spawns.release(ok=True)
-        await start()
+        await ready_while_one_waits()
     assert spawns.limit == 4  # grew by one after 3 ready
     await start()
     spawns.refused()  # ...and that growth met a 429: the next one needs twice as many ready
     spawns.release(ok=False)
     assert spawns.limit == 3 and spawns._growth_factor == 2
     for _ in range(5):
-        spawns.release(ok=True)
-        await start()
+        await ready_while_one_waits()
     assert spawns.limit == 3
-    spawns.release(ok=True)
+    await ready_while_one_waits()
     assert spawns.limit == 4
 
 
