@@ -171,6 +171,7 @@ async def run_class_start(args: argparse.Namespace) -> list[dict[str, Any]]:
                                       file=sys.stderr, flush=True)
                                 if attempt == 2:
                                     raise
+                                await asyncio.sleep(15)  # a broker that was restarting: let it come back
             finally:
                 hub.stop()
     return rounds

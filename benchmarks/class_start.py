@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from .hub import CONFIG, BenchHub
-from .procstat import usage
+from .procstat import tree_cpu_seconds, usage
 from .scenarios import image, new_users
 from .services import Names, RpcClient, consumer_process, delete_topology
 from .stats import summary
@@ -128,6 +128,7 @@ async def class_start_round(
             await asyncio.sleep(idle_seconds)  # the probe, on its own thread, sees the hub idle
             offset = hub.log_offset()
             cpu_before = usage(consumer.pid).cpu_seconds
+            hub_cpu = tree_cpu_seconds(hub.pid)
             began = time.time()
             ids = [await client.send({"action": "launch", "username": u, "image": image(delay)}) for u in users]
             replies = await asyncio.gather(*(client.reply(i, launch_timeout + 60) for i in ids))
@@ -135,6 +136,7 @@ async def class_start_round(
             await asyncio.sleep(0.5)  # the hub writes a request's log line as it answers: let it land
             log = hub.log_slice(offset, hub.log_offset())
             after = usage(consumer.pid)
+            hub_cpu = tree_cpu_seconds(hub.pid) - hub_cpu
         sent = [client.sent_at[i] for i in ids]
         ready = [log.ready_at.get(u) for u in users]
         timed = [(s, r) for s, r in zip(sent, ready) if r is not None]
@@ -157,6 +159,7 @@ async def class_start_round(
             queued_launches=len(queued_events),
             queued_events=sum(queued_events.values()),
             consumer_cpu_s=after.cpu_seconds - cpu_before,
+            hub_cpu_s=hub_cpu,
             consumer_peak_rss_mb=after.peak_rss_mb,
             probe_samples=[(t - began, x) for t, x in probe.samples if t >= idle_from],
         )
@@ -174,7 +177,8 @@ def _ms(value: float | None) -> str:
 
 
 COLUMNS = ("system", "spawn limit", "delay", "N", "fail", "wall s", "probe idle p50/p95 ms",
-           "probe burst p50/p95/max ms", "429s", "hub req/launch", "rank corr", "queued", "max_concurrency")
+           "probe burst p50/p95/max ms", "429s", "hub req/launch", "hub CPU s", "rank corr", "queued",
+           "max_concurrency")
 
 
 def table(rounds: list[dict[str, Any]]) -> str:
@@ -186,7 +190,7 @@ def table(rounds: list[dict[str, Any]]) -> str:
             r["system"], str(r["limit"] or "none"), f"{r['delay']:g}", str(r["n"]), str(r["failures"]),
             f"{r['wall_s']:.1f}", f"{_ms(idle['p50'])}/{_ms(idle['p95'])}",
             f"{_ms(burst['p50'])}/{_ms(burst['p95'])}/{_ms(burst['max'])}",
-            f"{r['refused_429']} ({share})", f"{r['hub_requests_per_launch']:.2f}",
+            f"{r['refused_429']} ({share})", f"{r['hub_requests_per_launch']:.2f}", f"{r.get('hub_cpu_s', 0):.1f}",
             "-" if r["rank_correlation"] is None else f"{r['rank_correlation']:.3f}",
             str(r["queued_launches"]), str(r["max_concurrency"]),
         ))

@@ -8,15 +8,16 @@ them. Launches beyond what the hub can take therefore wait here, in arrival orde
 1. **Hub requests in flight** (``RequestLimit``). Adaptive by default, like TCP Vegas (and Netflix's
    concurrency-limits): from the answer times of cheap requests (users, tokens, models) it estimates
    how many of our requests wait in the hub's queue, ``limit * (1 - base / rtt)`` with ``base`` the
-   hub's idle answer time (the smallest seen in the last few minutes), and once per round trip grows
+   hub's idle answer time (the smallest seen in the last few minutes) and ``rtt`` the fastest answer
+   of the last round trip, and once per round trip grows
    the limit by one while fewer than ``QUEUED_LOW`` wait and shrinks it by one while more than
    ``QUEUED_HIGH`` do. So a fast, idle hub gets more, a slow or busy one fewer, and our share of the
    hub's queue stays a few requests long: a person's request waits behind those few, not behind
    hundreds. The hub's other work (spawns finishing, browsers) raises ``rtt`` and the estimate with
    it, and the limit shrinks. A start or stop request is held by the hub until the spawn or stop is
    done (up to ``slow_spawn_timeout``), but costs it work only when it arrives: it holds its slot
-   for about one current answer time, then only waits, like a progress stream. Progress streams
-   hold a slot until their response starts. Waiting requests are served in order of lane (reads,
+   for about one current answer time, then only waits. Progress streams are not counted: opening
+   one costs the hub little, and then it only waits. Waiting requests are served in order of lane (reads,
    removes and clean-ups before launches: a read never waits behind queued launches), then of
    launch (a launch that came first sends its requests first), then of request.
 2. **Our pending spawns** (``SpawnLimit``). Unknown at first (no limit). A 429 on a start means the
@@ -79,7 +80,7 @@ class Kind(enum.Enum):
     CHEAP = "cheap"  # answered as soon as the hub has done its work: its answer time is a sample
     START = "start"  # held until the spawn is ready (or slow_spawn_timeout): work only at first
     STOP = "stop"  # held until the server has stopped (or slow_stop_timeout): likewise
-    STREAM = "stream"  # a progress stream: counts until its response starts, then only waits
+    STREAM = "stream"  # a progress stream: not counted (the hub client does not ask for a slot)
 
 
 class Slot:
@@ -129,7 +130,7 @@ class RequestLimit:
         self._queue: list[tuple[int, int, int, asyncio.Future[None]]] = []
         self._sequence = itertools.count()
         self._round_end = 0.0
-        self._round_sum, self._round_count = 0.0, 0
+        self._round_min, self._round_count = 0.0, 0
         self._saturated = False  # the limit was reached this round: growing it would be used
 
     @property
@@ -183,13 +184,15 @@ class RequestLimit:
         self.rtt = rtt if self.rtt is None else 0.8 * self.rtt + 0.2 * rtt
         if self.fixed:
             return
-        self._round_sum += rtt
+        # The round's fastest answer: the others also carry our own event loop's delays (a busy
+        # or descheduled consumer), which are not the hub's queue.
+        self._round_min = min(self._round_min, rtt) if self._round_count else rtt
         self._round_count += 1
         if now < self._round_end:
             return
-        average = self._round_sum / self._round_count
-        base = self._base.value() or average
-        queued = self.limit * (1 - base / average) if average > 0 else 0.0
+        fastest = self._round_min
+        base = self._base.value() or fastest
+        queued = self.limit * (1 - base / fastest) if fastest > 0 else 0.0
         before = self.limit
         if queued > QUEUED_HIGH:
             self.limit = max(MIN_REQUESTS, self.limit - 1)
@@ -197,9 +200,9 @@ class RequestLimit:
             self.limit = min(MAX_REQUESTS, self.limit + 1)
         if self.limit != before:
             log.debug("hub requests limit %d -> %d (answer %.0f ms, idle %.0f ms)", before, self.limit,
-                      average * 1000, base * 1000)
-        self._round_end = now + max(MIN_ROUND, average)
-        self._round_sum, self._round_count = 0.0, 0
+                      fastest * 1000, base * 1000)
+        self._round_end = now + max(MIN_ROUND, self.rtt or fastest)
+        self._round_min, self._round_count = 0.0, 0
         self._saturated = self.in_flight >= self.limit or bool(self.waiting)
         self._grant()
 

@@ -188,12 +188,12 @@ class HubClient:
         Raises HubError (400: not starting, 403: no ``read:servers``, 404: no such server) or the
         connection's errors; a stream that ends early just stops iterating.
         """
-        async with self._admitted(Kind.STREAM) as slot, self.session.get(
+        # Not admitted: a stream costs the hub little to open and then only waits (admission.py).
+        async with self.session.get(
             self.api_url + _path(username, server_name) + "/progress",
             headers={**self._headers, "Accept": "text/event-stream"},
             timeout=STREAM_TIMEOUT,
         ) as response:
-            slot.release()  # open: from here on the stream only waits
             if response.status != 200:
                 data = await _read_json(response)
                 raise HubError(response.status, _message(data, response.reason))
