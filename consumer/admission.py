@@ -19,7 +19,9 @@ them. Launches beyond what the hub can take therefore wait here, in arrival orde
    for about one current answer time, then only waits. Progress streams are not counted: opening
    one costs the hub little, and then it only waits. Waiting requests are served in order of lane (reads,
    removes and clean-ups before launches: a read never waits behind queued launches), then of
-   launch (a launch that came first sends its requests first), then of request.
+   launch (a launch that came first sends its requests first), then of request. Once a launch's
+   start is sent, its other requests (the token right behind the start, a model read) go without
+   waiting, and count: the limit paces how fast launches begin.
 2. **Our pending spawns** (``SpawnLimit``). Unknown at first (no limit). A 429 on a start means the
    hub's ``concurrent_spawn_limit`` is reached: the limit becomes the number of our spawns pending
    at that moment, new starts wait until one of ours becomes ready or fails, and the refused start
@@ -160,6 +162,18 @@ class RequestLimit:
                 future.cancel()  # skipped when its turn comes
             raise
         return Slot(self)
+
+    def admit_now(self) -> Slot:
+        """A slot without waiting (a started launch's next request); it counts all the same."""
+        self.in_flight += 1
+        return Slot(self)
+
+    def admit_waiting(self, lane: int, ticket: int) -> None:
+        """Admit now whatever this launch has waiting (its token request, behind its start)."""
+        for entry_lane, entry_ticket, _, future in self._queue:
+            if (entry_lane, entry_ticket) == (lane, ticket) and not future.done():
+                self.in_flight += 1
+                future.set_result(None)  # the heap drops it when it comes up
 
     def _release(self) -> None:
         self.in_flight -= 1
@@ -340,6 +354,7 @@ class Admission:
         self._tickets = itertools.count(1)
         self._queued: dict[int, _Queued] = {}  # ticket -> a launch whose start is not sent yet
         self._spawning: set[int] = set()  # tickets holding a spawn slot
+        self._started: set[int] = set()  # tickets whose start request was sent
         self._reporter: asyncio.Task[None] | None = None
 
     @property
@@ -368,6 +383,7 @@ class Admission:
             ok = True
         finally:
             self._queued.pop(ticket, None)
+            self._started.discard(ticket)
             if ticket in self._spawning:
                 self._spawning.discard(ticket)
                 self.spawns.release(ok)
@@ -387,12 +403,21 @@ class Admission:
         exception) is a sample; a STREAM's caller releases its slot once the response starts. A
         launch's START first takes a spawn slot (once: a retry keeps it)."""
         loop = asyncio.get_running_loop()
-        ticket = _order.get()[1]
+        lane, ticket = _order.get()
         if kind is Kind.START:
             await self.spawn_slot()
-        slot = await self.requests.acquire()
+        if lane == LANE_LAUNCH and ticket in self._started and kind is not Kind.START:
+            # A started launch's token request and model read go at once: they finish a launch
+            # that holds a spawn slot, and the token, sent right behind the start, is answered
+            # before a quick spawn is ready (waiting for a slot, it came after, and the reply with it).
+            slot = self.requests.admit_now()
+        else:
+            slot = await self.requests.acquire()
         began = loop.time()
         hold: asyncio.TimerHandle | None = None
+        if kind is Kind.START and lane == LANE_LAUNCH:
+            self._started.add(ticket)
+            self.requests.admit_waiting(lane, ticket)
         if kind is Kind.START:
             queued = self._queued.pop(ticket, None)  # sent: no longer queued in the launcher
             if queued is not None and queued.reported:

@@ -173,3 +173,34 @@ async def test_queued_launches_report_their_position_and_are_cleared_once_starte
     assert started == ["a", "b", "c"]
     assert reports["b"] == [1, 0] and reports["c"][-1] == 0  # told when their start went
     assert admission.spawns.pending == 0 and admission.queued == 0
+
+
+async def test_a_started_launch_sends_its_token_request_with_its_start_not_after_other_launches() -> None:
+    admission = Admission(max_requests=1)
+    hold = await admission.requests.acquire()  # the one slot is busy
+    sent: list[str] = []
+    finish = asyncio.Event()
+
+    async def request(name: str, kind: Kind) -> None:
+        async with admission.request(kind):
+            sent.append(name)
+            await finish.wait()
+
+    async def launch(name: str) -> None:
+        async with admission.launch(lambda _: None):
+            start = asyncio.create_task(request(f"{name}:start", Kind.START))
+            token = asyncio.create_task(request(f"{name}:token", Kind.CHEAP))
+            await asyncio.gather(start, token)
+
+    first = asyncio.create_task(launch("a"))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(launch("b"))
+    await asyncio.sleep(0.01)
+    assert sent == []
+    hold.release()
+    await asyncio.sleep(0.01)
+    # a's start took the slot, and its token went with it (over the limit); b waits.
+    assert sent == ["a:start", "a:token"]
+    finish.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert sent[2:] == ["b:start", "b:token"] and admission.requests.in_flight == 0
