@@ -204,3 +204,15 @@ async def test_a_started_launch_sends_its_token_request_with_its_start_not_after
     finish.set()
     await asyncio.wait_for(asyncio.gather(first, second), 5)
     assert sent[2:] == ["b:start", "b:token"] and admission.requests.in_flight == 0
+
+
+def test_settings_fix_either_limit_and_zero_or_absent_means_adaptive() -> None:
+    from consumer.config import load_settings
+
+    settings = load_settings(None, {"LAUNCHER_HUB_MAX_REQUESTS": "6", "LAUNCHER_HUB_MAX_PENDING_SPAWNS": "64"})
+    fixed = Admission(settings.hub_max_requests, settings.hub_max_pending_spawns)
+    assert (fixed.requests.fixed, fixed.requests.limit, fixed.spawns.limit) == (6, 6, 64)
+    for environ in ({}, {"LAUNCHER_HUB_MAX_REQUESTS": "0", "LAUNCHER_HUB_MAX_PENDING_SPAWNS": "0"}):
+        settings = load_settings(None, environ)
+        adaptive = Admission(settings.hub_max_requests, settings.hub_max_pending_spawns)
+        assert adaptive.requests.fixed is None and adaptive.spawns.limit is None
