@@ -229,8 +229,11 @@ class SpawnLimit:
     limit: float | None = None
     pending: int = 0  # launches holding a slot: from their start request to ready or failed
     throttled: int = 0  # of those, starts refused with 429 waiting to be retried
-    _queue: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
-    _retries: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
+    # (ticket, sequence, waiter): a launch may wait for a retry more than once, and the sequence
+    # keeps equal tickets from comparing their futures.
+    _queue: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
+    _retries: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
+    _sequence: itertools.count[int] = field(default_factory=itertools.count)
     _ready_since_growth: int = 0
     _growth_factor: float = 1.0  # ready spawns needed for the next growth, in multiples of the limit
     _probing: bool = False  # the limit grew and no 429 has answered since
@@ -241,11 +244,11 @@ class SpawnLimit:
 
     @property
     def waiting(self) -> int:
-        return sum(1 for _, future in self._queue if not future.done())
+        return sum(1 for *_, future in self._queue if not future.done())
 
     def _free(self) -> bool:
         # A refused start waiting for its retry comes before any new start.
-        retries_waiting = any(not f.done() for _, f in self._retries)
+        retries_waiting = any(not f.done() for *_, f in self._retries)
         return not retries_waiting and (self.limit is None or self.pending < math.floor(self.limit))
 
     def can_start_now(self) -> bool:
@@ -256,7 +259,7 @@ class SpawnLimit:
             self.pending += 1
             return
         future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._queue, (ticket, future))
+        heapq.heappush(self._queue, (ticket, next(self._sequence), future))
         try:
             await future
         except asyncio.CancelledError:
@@ -281,7 +284,7 @@ class SpawnLimit:
                 log.info("hub spawn limit: trying %d pending spawns", math.floor(self.limit))
         # The earliest refused start retries first, into the slot that just freed.
         while self._retries:
-            _, future = heapq.heappop(self._retries)
+            *_, future = heapq.heappop(self._retries)
             if not future.done():
                 future.set_result(None)
                 return
@@ -289,7 +292,7 @@ class SpawnLimit:
 
     def _grant(self) -> None:
         while self._queue and self._free():
-            _, future = heapq.heappop(self._queue)
+            *_, future = heapq.heappop(self._queue)
             if future.done():
                 continue
             self.pending += 1
@@ -310,7 +313,7 @@ class SpawnLimit:
     async def wait_for_retry(self, ticket: int, timeout: float) -> None:
         """Wait until one of our slots frees, or ``timeout`` (the 429's Retry-After) passes."""
         future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._retries, (ticket, future))
+        heapq.heappush(self._retries, (ticket, next(self._sequence), future))
         self.throttled += 1
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout)

@@ -216,3 +216,16 @@ def test_settings_fix_either_limit_and_zero_or_absent_means_adaptive() -> None:
         settings = load_settings(None, environ)
         adaptive = Admission(settings.hub_max_requests, settings.hub_max_pending_spawns)
         assert adaptive.requests.fixed is None and adaptive.spawns.limit is None
+
+
+async def test_a_start_refused_twice_waits_for_its_retry_twice() -> None:
+    spawns = SpawnLimit()
+    await spawns.acquire(1)
+    await spawns.acquire(2)
+    for _ in range(2):  # the same launch (ticket 2) refused again after its retry
+        spawns.refused()
+        await asyncio.wait_for(spawns.wait_for_retry(2, timeout=0.05), 5)
+    retry = asyncio.create_task(spawns.wait_for_retry(2, timeout=60))
+    await asyncio.sleep(0)
+    spawns.release(ok=True)  # ticket 1 is ready: ticket 2 retries at once
+    await asyncio.wait_for(retry, 1)
