@@ -9,17 +9,16 @@ them. Launches beyond what the hub can take therefore wait here, in arrival orde
    concurrency-limits): from the answer times of cheap requests (users, tokens, models) it estimates
    how many of our requests wait in the hub's queue, ``limit * (1 - base / rtt)`` with ``base`` the
    hub's idle answer time (the smallest seen in the last few minutes) and ``rtt`` the fastest answer
-   of the last round trip, and once per round trip grows
-   the limit by one while fewer than ``QUEUED_LOW`` wait and shrinks it by one while more than
-   ``QUEUED_HIGH`` do. So a fast, idle hub gets more, a slow or busy one fewer, and our share of the
+   of the last round trip, and once per round trip grows the limit by one while fewer than
+   ``QUEUED_LOW`` wait and shrinks it by one while more than ``QUEUED_HIGH`` do. So a fast, idle hub gets more, a slow or busy one fewer, and our share of the
    hub's queue stays a few requests long: a person's request waits behind those few, not behind
    hundreds. The hub's other work (spawns finishing, browsers) raises ``rtt`` and the estimate with
    it, and the limit shrinks. A start or stop request is held by the hub until the spawn or stop is
    done (up to ``slow_spawn_timeout``), but costs it work only when it arrives: it holds its slot
    for about one current answer time, then only waits. Progress streams are not counted: opening
-   one costs the hub little, and then it only waits. Waiting requests are served in order of lane (reads,
-   removes and clean-ups before launches: a read never waits behind queued launches), then of
-   launch (a launch that came first sends its requests first), then of request. Once a launch's
+   one costs the hub little, and then it only waits. Waiting requests are served in order of lane
+   (reads, removes and clean-ups before launches: a read never waits behind queued launches), then
+   of launch (a launch that came first sends its requests first), then of request. Once a launch's
    start is sent, its other requests (the token right behind the start, a model read) go without
    waiting, and count: the limit paces how fast launches begin.
 2. **Our pending spawns** (``SpawnLimit``). Unknown at first (no limit). A 429 on a start means the
@@ -27,8 +26,9 @@ them. Launches beyond what the hub can take therefore wait here, in arrival orde
    at that moment, new starts wait until one of ours becomes ready or fails, and the refused start
    is retried as soon as one of our slots frees, never later than its ``Retry-After`` (30-60 s,
    random: a hint against a herd of browsers, not a measure of when a slot frees). The limit grows
-   again by one after as many ready spawns as it is large; each growth that meets another 429
-   doubles the spawns needed for the next one, each that does not halves it.
+   again by one after as many ready spawns as it is large (counted only while it holds launches
+   back); each growth that meets another 429 doubles the spawns needed for the next one, each that
+   does not halves it.
 
 Settings fix either limit (``hub_max_requests``, ``hub_max_pending_spawns``; 0 or absent: adaptive).
 
