@@ -2,6 +2,8 @@
 
 Quick default (a few minutes on 2 cores): N = 1, 50; delays 0 s, 5 s; capacity 200; read 5 s.
 ``--full`` is the issue's configuration: N = 1, 50, 200; capacity 1,000; read 20 s.
+``--only class_start`` runs scenario 6 (issue 10), a class start, against this checkout and
+``--class-base`` (another checkout, e.g. main) side by side; it is not in the default run.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from typing import Any
 
 import aiohttp
 
-from . import report, services
+from . import class_start, report, services
 from .hub import BenchHub
 from .scenarios import Context, capacity_round, floor_round, launcher_round, legacy_round, read_round
 
 RESULTS = Path(__file__).with_name("results")
 SCENARIOS = ("launch", "floor", "legacy_a", "legacy_b", "capacity", "read")
+EXTRA_SCENARIOS = ("class_start",)  # only when named in --only
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +49,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-concurrency", type=int, default=1000, help="the consumer's max_concurrency (default 1000)")
     parser.add_argument("--launch-timeout", type=float, default=300, help="the consumer's launch_timeout, s")
     parser.add_argument("--only", type=lambda t: t.split(","), default=list(SCENARIOS),
-                        help=f"scenarios to run, of {','.join(SCENARIOS)}")
+                        help=f"scenarios to run, of {','.join(SCENARIOS + EXTRA_SCENARIOS)} (default: all but "
+                             f"{','.join(EXTRA_SCENARIOS)})")
+    parser.add_argument("--class-n", type=int, default=300, help="class start: launches at once (default 300)")
+    parser.add_argument("--class-cases", type=lambda t: [(int(c.split(":")[0]), float(c.split(":")[1])) for c in t.split(",")],
+                        default=[(0, 5.0), (64, 5.0), (64, 20.0)],
+                        help="class start: SPAWN_LIMIT:DELAY pairs, 0 = no limit (default 0:5,64:5,64:20)")
+    parser.add_argument("--class-base", type=Path, default=os.environ.get("BENCH_BASELINE_ROOT"),
+                        help="class start: a checkout whose consumer runs as the baseline (default "
+                             "$BENCH_BASELINE_ROOT; none: this checkout only); its max_concurrency is 100, "
+                             "or the spawn limit where there is one")
+    parser.add_argument("--class-concurrency", type=numbers(int), default=[100],
+                        help="class start: max_concurrency values for this checkout's consumer (default 100, the "
+                             "service's default; the class's size holds the whole class in the launcher)")
+    parser.add_argument("--class-idle", type=float, default=3.0, help="class start: probe the idle hub this long, s")
     parser.add_argument("--profile", metavar="PY_SPY", help="attach this py-spy binary to each consumer; "
                         "collapsed stacks go to <out>/profile-<time>/<round>.txt")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON (default benchmarks/results)")
@@ -91,6 +107,10 @@ def consumer_version() -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, Any] = {"rounds": []}
+    if "class_start" in args.only:
+        raw["class_start"] = await run_class_start(args)
+        if set(args.only) <= set(EXTRA_SCENARIOS):
+            return raw
     hub = BenchHub().start()
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -120,6 +140,43 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return raw
 
 
+async def run_class_start(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Scenario 6: per case, a hub with that spawn limit; this checkout and the baseline, alternating."""
+    rounds: list[dict[str, Any]] = []
+    systems = [("launcher", services.CONSUMER_ROOT, c) for c in args.class_concurrency]
+    if args.class_base:
+        systems.append(("base", args.class_base, 0))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        for limit in dict.fromkeys(limit for limit, _ in args.class_cases):
+            hub = (class_start.limited_hub(limit) if limit else BenchHub()).start()
+            try:
+                for case_limit, delay in args.class_cases:
+                    if case_limit != limit:
+                        continue
+                    for system, root, concurrency in systems:
+                        # The baseline: the service's default, or the spawn limit, the best fixed choice for it.
+                        concurrency = concurrency or limit or 100
+                        print(f"... class start {system} N={args.class_n} limit={limit or 'none'} delay={delay:g} s",
+                              file=sys.stderr, flush=True)
+                        for attempt in (1, 2):  # the broker is shared: a round it broke is run again, once
+                            try:
+                                rounds.append(await class_start.class_start_round(
+                                    hub, session, system, Path(root), args.class_n, delay, limit, concurrency,
+                                    args.launch_timeout, args.class_idle,
+                                ))
+                                print(class_start.table(rounds[-1:]), file=sys.stderr, flush=True)
+                                break
+                            except Exception as error:
+                                print(f"... round failed ({type(error).__name__}: {str(error)[-300:]})",
+                                      file=sys.stderr, flush=True)
+                                if attempt == 2:
+                                    raise
+                                await asyncio.sleep(15)  # a broker that was restarting: let it come back
+            finally:
+                hub.stop()
+    return rounds
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
@@ -140,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         "raw": raw,
     }
     results["targets"] = report.targets(figs, args.n, args.delays)
-    results["failures"] = (
+    if raw.get("class_start"):
+        results["class_start_targets"] = class_start.targets(raw["class_start"])
+    results["failures"] = sum(r["failures"] for r in raw.get("class_start", [])) + (
         sum(f["failures"] + f.get("remove_failures", 0) for f in figs["launches"])
         + (figs["capacity"]["failures"] if figs.get("capacity") else 0)
         + (figs["read"]["launcher"]["failures"] + figs["read"]["echo"]["failures"] if figs.get("read") else 0)
@@ -148,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench-{stamp}.json"
     path.write_text(json.dumps(results, indent=1, default=str))
-    print(report.format_table(results))
+    if raw["rounds"] or raw.get("capacity") or raw.get("read"):
+        print(report.format_table(results))
+    if raw.get("class_start"):
+        print("\nclass start (scenario 6):\n" + class_start.table(raw["class_start"]) + "\n")
+        print("\n".join(results["class_start_targets"]))
     print(f"\n{info['cpus']} CPUs ({info['cpu_model']}); load average {info['load_average_at_start'][0]:.2f} at start, "
           f"{info['load_average_at_end'][0]:.2f} at end; {results['failures']} failures; "
           f"{results['duration_s']:.0f} s; raw figures: {path}")

@@ -130,9 +130,12 @@ class ServiceProcess:
 
 
 def consumer_process(
-    hub: BenchHub, names: Names, max_concurrency: int, launch_timeout: float, profile_name: str | None = None
+    hub: BenchHub, names: Names, max_concurrency: int, launch_timeout: float, profile_name: str | None = None,
+    root: Path | None = None,
 ) -> ServiceProcess:
-    """``python -m consumer run --config FILE``, exactly as deployed, against the benchmark hub."""
+    """``python -m consumer run --config FILE``, exactly as deployed, against the benchmark hub;
+    ``root``: the checkout to run (default ``CONSUMER_ROOT``)."""
+    root = root or CONSUMER_ROOT
     workdir = Path(tempfile.mkdtemp(prefix="bench-consumer-"))
     config = {
         "log_level": "INFO",
@@ -148,13 +151,13 @@ def consumer_process(
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LAUNCHER_", "JUPYTERHUB_"))}
     env["LAUNCHER_JUPYTERHUB_API_TOKEN"] = hub.token("launcher")
-    env["PYTHONPATH"] = os.pathsep.join([str(CONSUMER_ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     return ServiceProcess(
         [sys.executable, "-m", "consumer", "run", "--config", str(workdir / "config.yaml")],
         env,
         ready_marker="consuming",
         workdir=workdir,
-        cwd=CONSUMER_ROOT,
+        cwd=root,
         profile_name=profile_name,
     )
 

@@ -68,6 +68,10 @@ class Settings(BaseModel):
     shutdown_grace: float = Field(30.0, ge=0)
     # How often a poison command may be redelivered before the queue dead-letters it.
     delivery_limit: int = Field(5, gt=0)
+    # Admission control (consumer/admission.py): hub requests in flight (progress streams not
+    # counted) and our pending spawns at once; 0 or absent: adapt to the hub's answers.
+    hub_max_requests: int | None = Field(None, ge=0)
+    hub_max_pending_spawns: int | None = Field(None, ge=0)
     # Where lifecycle events say they come from (CloudEvents "source").
     event_source: str = "jupyterhub-launcher"
     # Shared with the hub's spawner (its launcher_signing_key): signs the options of each launch, so

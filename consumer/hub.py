@@ -8,12 +8,15 @@ An error that is not JupyterHub's own JSON answer (``{"status": N, "message": ..
 from the hub: while JupyterHub restarts, the configurable-http-proxy in front of it is back first and
 answers 404 (``Not Found``, plain text) to ``/hub/api/...`` until the hub re-adds its route. Such a
 404 means "hub unavailable" and is retried like a refused connection; it never means "no such user
-or server". Likewise a proxy's 502/503 is retried even where the hub's own 500 is an answer.
+or server". Likewise a proxy's 502/503 is retried even where the hub's own 500 is an answer. With an ``Admission``, every
+request waits for its slot there first, and a start refused with 429 is retried as soon as one of
+our spawns frees a slot (see ``admission.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,6 +29,7 @@ from urllib.parse import quote
 import aiohttp
 
 from . import metrics
+from .admission import NO_SLOT, Admission, Kind, Slot
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ class HubClient:
     api_url: str  # e.g. http://127.0.0.1:8081/hub/api
     token: str = dataclasses.field(repr=False)
     deadline: float | None = None  # loop.time() after which transient failures stop being retried
+    admission: Admission | None = None  # limits what is asked of the hub at once; None: no limits
 
     def until(self, deadline: float) -> HubClient:
         """The same client, retrying transient failures only until ``deadline``."""
@@ -75,6 +80,9 @@ class HubClient:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"token {self.token}"}
 
+    def _admitted(self, kind: Kind) -> contextlib.AbstractAsyncContextManager[Slot]:
+        return contextlib.nullcontext(NO_SLOT) if self.admission is None else self.admission.request(kind)
+
     async def _request(
         self,
         method: str,
@@ -82,6 +90,7 @@ class HubClient:
         body: Any = None,
         ok: tuple[int, ...] = (200, 201, 202, 204),
         retry_server_errors: bool = True,
+        kind: Kind = Kind.CHEAP,
     ) -> tuple[int, Any]:
         """``(status, json or None)``; raises HubError for statuses outside ``ok``."""
         attempt = 0
@@ -92,7 +101,7 @@ class HubClient:
             sent = time.monotonic()
             status = "error"  # no answer (connection failed or timed out)
             try:
-                async with self.session.request(
+                async with self._admitted(kind), self.session.request(
                     method,
                     self.api_url + path,
                     json=body,
@@ -121,12 +130,24 @@ class HubClient:
             finally:
                 metrics.HUB_REQUESTS.labels(method, route, status).inc()
                 metrics.HUB_REQUEST_DURATION.labels(method, route).observe(time.monotonic() - sent)
+            if delay is not None and kind is Kind.START and self.admission is not None:
+                # The hub's spawn limit: retry when one of our spawns frees a slot, at the latest
+                # after Retry-After (or at the deadline, then give up).
+                log.info("hub POST %s: %s; retrying when a spawn slot frees, at most %.0f s", path, failure, delay)
+                await self.admission.throttled(self._until_deadline(delay))
+                self._check_deadline(0, f"{method} {path}: {failure}")
+                continue
             if delay is None:
                 delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (attempt - 1))
                 delay = random.uniform(delay / 2, delay)
             self._check_deadline(delay, f"{method} {path}: {failure}")
             log.info("hub %s %s failed (%s); retrying in %.1f s", method, path, failure, delay)
             await asyncio.sleep(delay)
+
+    def _until_deadline(self, delay: float) -> float:
+        if self.deadline is None:
+            return delay
+        return max(0.0, min(delay, self.deadline - asyncio.get_running_loop().time()))
 
     def _check_deadline(self, delay: float, failure: str) -> None:
         if self.deadline is not None and asyncio.get_running_loop().time() + delay > self.deadline:
@@ -161,13 +182,14 @@ class HubClient:
     async def start_server(self, username: str, server_name: str, options: dict[str, Any]) -> int:
         """POST the start: 201 ready, 202 pending. A 500 is not retried: it may be a failed spawn."""
         status, _ = await self._request(
-            "POST", _path(username, server_name), body=options, ok=(201, 202), retry_server_errors=False
+            "POST", _path(username, server_name), body=options, ok=(201, 202), retry_server_errors=False,
+            kind=Kind.START,
         )
         return status
 
     async def stop_server(self, username: str, server_name: str = "") -> int:
         """DELETE the server: 204 stopped (or was not running), 202 stopping."""
-        status, _ = await self._request("DELETE", _path(username, server_name), ok=(202, 204))
+        status, _ = await self._request("DELETE", _path(username, server_name), ok=(202, 204), kind=Kind.STOP)
         return status
 
     async def create_token(
@@ -202,6 +224,7 @@ class HubClient:
         HubUnavailable (a proxy's 404: no route to the hub) or the connection's errors; a stream
         that ends early just stops iterating.
         """
+        # Not admitted: a stream costs the hub little to open and then only waits (admission.py).
         path = _path(username, server_name) + "/progress"
         async with self.session.get(
             self.api_url + path,

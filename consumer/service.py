@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from .admission import Admission
 from .config import Settings
 from .expiry import Expiry
 from .health import serving_health
@@ -42,7 +43,10 @@ async def serve(
             serving_health(settings.health_host, settings.health_port) as health,
             aiohttp.ClientSession(connector=connector) as session,
         ):
-            hub = HubClient(session, settings.hub_api_url, settings.jupyterhub_api_token.get_secret_value())
+            admission = Admission(settings.hub_max_requests, settings.hub_max_pending_spawns)
+            hub = HubClient(
+                session, settings.hub_api_url, settings.jupyterhub_api_token.get_secret_value(), admission=admission
+            )
             # Checked while the broker is reached, then every hub_check_interval: logged, not fatal.
             hub_check = HubCheck(hub, settings)
             hub_checking = asyncio.create_task(hub_check.run())

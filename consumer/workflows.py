@@ -18,6 +18,7 @@ import aiohttp
 
 from schemas import LaunchCommand, ReadCommand, RemoveCommand
 
+from .admission import admitted_launch, spawn_slot
 from .cleanup import CleanUp, new_launch_id, revoke_tokens, token_note, undo
 from .config import Settings
 from .hub import HubClient, HubError, HubUnavailable
@@ -135,7 +136,10 @@ class Workflows:
         try:
             with _hub_errors():
                 async with asyncio.timeout_at(deadline):
-                    result = await launch.run()
+                    # Waits in the launcher while the hub is busy or full (the time counts against
+                    # the launch's timeout); the spawn slot frees when run() returns or raises.
+                    async with admitted_launch(self.hub.admission, launch.queued):
+                        result = await launch.run()
         except TimeoutError:
             follow_up = await launch.clean_up()
             error = CommandFailed(
@@ -205,8 +209,11 @@ class _Launch:
         ready, 202 pending, 400 already running) says as much, for one request less.
         """
         username, server_name = self.command.username, self.command.server_name
-        options = signed_options(self.settings.spawner_signing_key.get_secret_value(), username, server_name, self.command.user_options())
         await self.hub.ensure_user(username)
+        # While the hub is at its spawn limit, wait here: no start, token or progress requests yet.
+        await spawn_slot(self.hub.admission)
+        # Signed after the wait for a spawn slot: the signature's time is checked for freshness.
+        options = signed_options(self.settings.spawner_signing_key.get_secret_value(), username, server_name, self.command.user_options())
         start = asyncio.create_task(self._start(options))
         start.add_done_callback(_retrieve)  # a failure found first elsewhere leaves its error unread
         # The hub serves one request at a time: the token request, sent right behind the start,
@@ -257,6 +264,15 @@ class _Launch:
             )
         self._check_options(server, options)
         return await self._result(server)
+
+    def queued(self, position: int) -> None:
+        """The launcher holds this launch back (admission control): say so, with its position
+        (0: no longer queued, its start is sent)."""
+        if position == 0:
+            self.last_message = ""
+            return
+        self.last_message = f"queued in the launcher at position {position}"
+        self.emit("launch.progress", {"progress": 0, "message": self.last_message, "queue_position": position})
 
     def _check_options(self, server: dict[str, Any] | None, options: dict[str, Any]) -> None:
         """A 202 may mean someone else's spawn was already pending: the hub ignored our options."""

@@ -41,10 +41,13 @@ class CloudEvent(BaseModel):
 
 
 class ProgressData(BaseModel):
-    """``launch.progress``: JupyterHub's own progress percentage and message."""
+    """``launch.progress``: JupyterHub's own progress percentage and message, or the launcher's
+    queue: ``queue_position`` (1 = next) while the launcher holds the launch back from a busy or
+    full hub."""
 
     progress: int | None = None
     message: str = ""
+    queue_position: int | None = None
 
 
 class ReadyData(BaseModel):
