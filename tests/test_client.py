@@ -167,7 +167,9 @@ async def test_a_reply_that_never_comes_times_out_after_the_timeout_plus_the_mar
     async with connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(settings.command_queue, passive=True)
-        queued = await queue.get(no_ack=True, timeout=5)
+        # A consumer, not basic.get: quorum queues with a single active consumer refuse basic.get.
+        async with asyncio.timeout(10), queue.iterator(no_ack=True) as messages:
+            queued = await anext(aiter(messages))
         assert queued.message_id == "celery-task-1" and queued.correlation_id == "celery-task-1"
         assert (queued.reply_to or "").startswith("amq.rabbitmq.reply-to.") and b'"timeout":1.0' in queued.body
 

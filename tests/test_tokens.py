@@ -84,6 +84,7 @@ async def test_a_launch_re_run_after_its_consumer_was_killed_leaves_only_the_rep
         "PYTHONPATH": str(ROOT),
         "LAUNCHER_JUPYTERHUB_URL": hub.url,
         "LAUNCHER_JUPYTERHUB_API_TOKEN": hub.token,
+        "LAUNCHER_SPAWNER_SIGNING_KEY": hub.signing_key,
         "LAUNCHER_AMQP_URL": AMQP_URL,
         "LAUNCHER_COMMAND_QUEUE": settings.command_queue,
         "LAUNCHER_REPLY_EXCHANGE": settings.reply_exchange,

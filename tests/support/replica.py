@@ -32,6 +32,7 @@ class Replica:
             "PYTHONPATH": str(ROOT),
             "LAUNCHER_JUPYTERHUB_URL": str(s.jupyterhub_url),
             "LAUNCHER_JUPYTERHUB_API_TOKEN": s.jupyterhub_api_token.get_secret_value(),
+            "LAUNCHER_SPAWNER_SIGNING_KEY": s.spawner_signing_key.get_secret_value(),
             "LAUNCHER_AMQP_URL": self.amqp_url,
             "LAUNCHER_COMMAND_QUEUE": s.command_queue,
             "LAUNCHER_REPLY_EXCHANGE": s.reply_exchange,
