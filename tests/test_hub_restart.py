@@ -20,6 +20,7 @@ import pytest
 
 from consumer.config import Settings
 from consumer.hub import HubClient
+from consumer.signing import signed_options
 from tests.conftest import Client, delete_topology, make_settings, running_service
 from tests.support.frontproxy import FrontProxy
 from tests.support.localhub import LocalHub, free_port
@@ -127,7 +128,7 @@ async def test_a_start_answered_503_by_a_proxy_whose_hub_is_down_is_retried_unti
     async with aiohttp.ClientSession() as session:
         through_front = HubClient(session, front.url + "/hub/api", hub.token)
         loop = asyncio.get_running_loop()
-        start = asyncio.create_task(through_front.until(loop.time() + 60).start_server(username, "", {"image": "standin"}))
+        start = asyncio.create_task(through_front.until(loop.time() + 60).start_server(username, "", signed_options(hub.signing_key, username, "", {"image": "standin"})))
         await asyncio.sleep(2)
         assert not start.done()
         front.route()
