@@ -244,7 +244,7 @@ async def capacity_round(ctx: Context, n: int, delay: float) -> dict[str, Any]:
     """Scenario 4: N launches in flight in one consumer process at once (the spawn delay keeps them
     pending), with its peak RSS and CPU."""
     names = Names.unique("capacity")
-    prefix, users = new_users("c", n)
+    _prefix, users = new_users("c", n)
     consumer = consumer_process(ctx.hub, names, max(n, ctx.max_concurrency), ctx.launch_timeout, f"capacity-n{n}")
     await consumer.start()
     in_flight = {"now": 0, "peak": 0, "accepted": 0}

@@ -80,7 +80,8 @@ class ServiceProcess:
 
     async def start(self, timeout: float = 60) -> None:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
+        # Popen only forks: it returns at once, and the wait for readiness below is asynchronous.
+        self.process = subprocess.Popen(  # noqa: ASYNC220
             self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         give_up = time.monotonic() + timeout

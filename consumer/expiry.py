@@ -33,7 +33,7 @@ import contextlib
 import logging
 import re
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 import aio_pika
@@ -258,12 +258,12 @@ class Expiry:
             return True
 
     def _emit(self, entry: Entry, event_type: str, data: dict[str, Any]) -> None:
-        happened = datetime.now(timezone.utc)
+        happened = datetime.now(UTC)
 
         def render() -> bytes:
             event = CloudEvent(
                 source=self.settings.event_source,
-                type=event_type,  # type: ignore[arg-type]
+                type=event_type,
                 subject=f"{entry.username}/{entry.server_name}",
                 time=happened,
                 correlationid=entry.correlation_id,
@@ -303,7 +303,7 @@ def _left(entry: Entry) -> float:
 
 
 def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def _settle(settling: Any) -> None:

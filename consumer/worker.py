@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -165,7 +165,7 @@ class Worker:
                 log.exception("clean-up of launch %s of %s/%s failed unexpectedly; dead-lettered", job.launch, job.username, job.server_name)
                 await _settle(run, dead_letter=True)
                 return
-            age = (datetime.now(timezone.utc) - job.failed_at).total_seconds()
+            age = (datetime.now(UTC) - job.failed_at).total_seconds()
             if not done and age > FOLLOW_UP_LIFETIME:
                 log.error("clean-up of launch %s of %s/%s given up after %.0f s", job.launch, job.username, job.server_name, age)
             elif not done:
@@ -214,7 +214,7 @@ class Worker:
                 result = await self.expiry.schedule(command, result, message.correlation_id)
         except CommandFailed as error:
             log.info("%s %s/%s: %s", command.action, command.username, command.server_name, error)
-            info = ErrorInfo(code=error.code, message=error.message, details=error.details)  # type: ignore[arg-type]
+            info = ErrorInfo(code=error.code, message=error.message, details=error.details)
             return Reply(ok=False, error=info, **target), False, error.follow_up
         except Exception:
             # A bug, not the caller's fault: answer, and keep the command for inspection.
@@ -306,12 +306,12 @@ class Worker:
         event_type: str,
         data: dict[str, Any],
     ) -> None:
-        happened = datetime.now(timezone.utc)
+        happened = datetime.now(UTC)
 
         def render() -> bytes:
             event = CloudEvent(
                 source=self.settings.event_source,
-                type=event_type,  # type: ignore[arg-type]
+                type=event_type,
                 subject=f"{command.username}/{command.server_name}",
                 time=happened,
                 correlationid=correlation_id,

@@ -4,6 +4,7 @@ nodes, and launches in flight while the queue leader's node, then the launcher's
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -118,7 +119,7 @@ class Probe:
     def longest_gap(self, start: float, end: float) -> float:
         """The longest time in [start, end] with no probe answered."""
         times = [start] + [t for t in self.answer_times() if start < t < end] + [end]
-        return max(b - a for a, b in zip(times, times[1:]))
+        return max(b - a for a, b in itertools.pairwise(times))
 
     async def answered_after(self, moment: float, timeout: float = 120) -> float:
         async with asyncio.timeout(timeout):

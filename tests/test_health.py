@@ -50,7 +50,7 @@ async def wait_for_status(port: int, path: str, status: int, timeout: float = 40
 def sample(text: str, name: str, **labels: str) -> float:
     """A sample's value from Prometheus text, 0 when absent."""
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith((name + "{", name + " ")):
             found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
             if all(found.get(k) == v for k, v in labels.items()):
                 return float(line.rsplit(" ", 1)[1])

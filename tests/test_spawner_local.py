@@ -38,7 +38,7 @@ def load_example() -> Config:
     config = Config()
     example_env = {"LAUNCHER_JUPYTERHUB_API_TOKEN": "example-token", "LAUNCHER_SPAWNER_SIGNING_KEY": "example-key"}
     with mock.patch.dict(os.environ, example_env):
-        exec(compile(EXAMPLE.read_text(), str(EXAMPLE), "exec"), {"get_config": lambda: config})
+        exec(compile(EXAMPLE.read_text(), str(EXAMPLE), "exec"), {"get_config": lambda: config})  # noqa: S102 (our example)
     return config
 
 
@@ -218,7 +218,7 @@ SCHEMA_AND_HUB = [
 
 @pytest.mark.parametrize(("options", "message"), SCHEMA_AND_HUB)
 async def test_hostile_options_are_refused_by_the_consumer_schema(
-    policy_hub: LocalHub, username: str, options: dict[str, Any], message: str  # noqa: ARG001 (the hub's message)
+    policy_hub: LocalHub, username: str, options: dict[str, Any], message: str  # message: the hub's, unused here
 ) -> None:
     async with launcher(policy_hub) as client:
         reply = await client.call({"action": "launch", "username": username, "image": "standin", **options})

@@ -75,7 +75,7 @@ async def demo(hub: LocalHub) -> None:
         "LAUNCHER_EVENTS_EXCHANGE": EXCHANGES[1],
     }
     # Its own session: Ctrl-C reaches the demo only, which removes the server before stopping it.
-    launcher = subprocess.Popen(
+    launcher = subprocess.Popen(  # noqa: ASYNC220 (only forks: returns at once)
         [sys.executable, "-m", "consumer", "run", "--config", str(ROOT / "config.yaml")], env=env, start_new_session=True
     )
     stop, body = asyncio.Event(), asyncio.current_task()
