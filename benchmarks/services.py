@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aio_pika
 import yaml
@@ -183,7 +183,7 @@ class RpcClient:
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
         self.on_reply: Callable[[str], None] | None = None
 
-    async def __aenter__(self) -> RpcClient:
+    async def __aenter__(self) -> Self:
         self.connection = await aio_pika.connect_robust(AMQP_URL)
         self.channel = await self.connection.channel()
         self.reply_queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)

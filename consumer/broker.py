@@ -258,7 +258,7 @@ class Broker:
                     mandatory=False,
                     wait_written=True,
                 )
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001
                 log.warning("could not publish event %s: %s", routing_key, type(error).__name__)
             finally:
                 self.event_backlog.task_done()

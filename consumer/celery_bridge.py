@@ -254,7 +254,7 @@ def make_app(settings: Settings, bridge: Bridge) -> Celery:
             if raising:
                 raise LauncherTaskError(error.code, error.message) from None
             return fallback
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             # The launcher's broker is out of reach: the same task again, shortly (same message id).
             log.warning("%s (task %s): %s; retrying", what, task.request.id, type(error).__name__)
             raise task.retry(exc=error, countdown=RETRY_DELAY, max_retries=MAX_RETRIES) from None

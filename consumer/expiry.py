@@ -157,7 +157,7 @@ class Expiry:
             server, tokens = await asyncio.gather(
                 hub.get_server(command.username, command.server_name), hub.list_tokens(command.username)
             )
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             # The server runs and has no schedule: say so; the launch can be sent again (it is idempotent).
             raise CommandFailed(
                 "hub_unavailable", f"the server is running but its ttl could not be recorded: {type(error).__name__}"
@@ -220,7 +220,7 @@ class Expiry:
                         await self._route(entry)
         except asyncio.CancelledError:
             raise  # shutting down: unacked, so the broker gives it back
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             log.warning("expiry entry for %s/%s requeued: %s", entry.username, entry.server_name, type(error).__name__)
             await _settle(message.nack(requeue=True))
             await asyncio.sleep(1)  # not a hot loop while the broker or hub is in trouble
@@ -236,7 +236,7 @@ class Expiry:
                 server, tokens = await asyncio.gather(
                     hub.get_server(entry.username, entry.server_name), hub.list_tokens(entry.username)
                 )
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001
                 log.warning("expiry of %s: hub unavailable (%s); trying again in %g s", label, type(error).__name__, RETRY_AFTER)
                 return False
             reason = _superseded(entry, server, tokens)
@@ -310,5 +310,5 @@ async def _settle(settling: Any) -> None:
     """Ack/nack; one whose channel is gone is settled by the broker (it redelivers)."""
     try:
         await settling
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001
         log.info("expiry entry not settled (%s); the broker redelivers it", type(error).__name__)

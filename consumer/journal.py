@@ -72,7 +72,7 @@ class Journal:
         None if there is none (or the stream could not be read in time: the command runs again)."""
         try:
             await self._catch_up(asyncio.get_running_loop().time())
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             log.warning("answer journal not read in time (%s); the command runs again", type(error).__name__)
             return None
         entry = self.answers.get(command_id)

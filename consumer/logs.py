@@ -90,7 +90,7 @@ class Redactor(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # a bad format string: the handler would report it, with the raw arguments
+        except Exception:  # noqa: BLE001 (a bad format string: the handler would report it, with the raw arguments)
             message = f"{record.msg!r} (unformattable arguments)"
         record.msg, record.args = self.redact(message), None
         if record.exc_info and not record.exc_text:

@@ -184,7 +184,7 @@ async def _main(args: argparse.Namespace, command: LaunchCommand | ReadCommand |
     client = LauncherClient.from_settings(settings, connection_name=f"jupyterhub-launcher {args.command}")
     try:
         await client.connect()
-    except Exception as error:  # OSError, aiormq's AMQPConnectionError, a malformed URL
+    except Exception as error:  # noqa: BLE001 (OSError, aiormq's AMQPConnectionError, a malformed URL)
         print(f"error: cannot connect to RabbitMQ: {type(error).__name__}", file=sys.stderr)
         await client.close()
         return EXIT_CODES["broker_unreachable"]

@@ -171,7 +171,7 @@ class Worker:
             elif not done:
                 try:
                     await self.broker.publish_command(message.body, FOLLOW_UP_TYPE)
-                except Exception as error:
+                except Exception as error:  # noqa: BLE001
                     log.warning("could not re-queue clean-up %s (%s); redelivered", job.launch, type(error).__name__)
                     await _settle(run, requeue=True)
                     return
@@ -294,7 +294,7 @@ class Worker:
         try:
             # All confirmed before the ack, but waited for together: one broker round trip, not two.
             await asyncio.gather(*publishes)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             log.error("could not publish the reply to %s: %s", deliveries[0].message_id, type(error).__name__)
             return False
         return True
@@ -346,7 +346,7 @@ async def _settle(run: _Run, count: int | None = None, dead_letter: bool = False
                 await delivery.reject(requeue=False)
             else:
                 await delivery.ack()
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             log.info("delivery %s not settled (%s); the broker redelivers it", delivery.delivery_tag, type(error).__name__)
 
 

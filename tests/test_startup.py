@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -130,7 +131,7 @@ class SilentBroker:
     def __init__(self) -> None:
         self.connected = asyncio.Event()
 
-    async def __aenter__(self) -> SilentBroker:
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._hold, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self

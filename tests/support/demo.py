@@ -111,9 +111,8 @@ async def demo(hub: LocalHub) -> None:
                 print(f">>> launch failed: {reply['error']}", flush=True)
                 return
             url, token = reply["result"]["url"], reply["result"]["token"]
-            async with aiohttp.ClientSession() as http:
-                async with http.get(url + "api/status", headers={"Authorization": f"token {token}"}) as r:
-                    status = r.status
+            async with aiohttp.ClientSession() as http, http.get(url + "api/status", headers={"Authorization": f"token {token}"}) as r:
+                status = r.status
             print(
                 f"\n>>> notebook URL: {url}\n>>> token:        {token}\n"
                 f">>> check it:     curl -H 'Authorization: token {token}' {url}api/status   (answered {status})\n"

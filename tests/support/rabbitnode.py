@@ -12,6 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from tests.support.localhub import free_port
 
@@ -68,7 +69,7 @@ class RabbitNode:
         self.stop()
         self.start()
 
-    def __enter__(self) -> RabbitNode:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
