@@ -40,13 +40,13 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel, ValidationError
 
-from schemas import EVENT_CONTENT_TYPE, CloudEvent, LaunchCommand, RemoveCommand
+from schemas import LaunchCommand, RemoveCommand
 
 from .broker import Broker
 from .config import Settings
 from .cleanup import is_launch_token
 from .hub import HubClient
-from .worker import KeyedLocks
+from .worker import KeyedLocks, emit_event
 from .workflows import CommandFailed, Workflows
 
 log = logging.getLogger(__name__)
@@ -258,20 +258,8 @@ class Expiry:
             return True
 
     def _emit(self, entry: Entry, event_type: str, data: dict[str, Any]) -> None:
-        happened = datetime.now(UTC)
-
-        def render() -> bytes:
-            event = CloudEvent(
-                source=self.settings.event_source,
-                type=event_type,
-                subject=f"{entry.username}/{entry.server_name}",
-                time=happened,
-                correlationid=entry.correlation_id,
-                data=data,
-            )
-            return event.model_dump_json().encode()
-
-        self.broker.publish_event(event_type, entry.correlation_id, render, EVENT_CONTENT_TYPE)
+        subject = f"{entry.username}/{entry.server_name}"
+        emit_event(self.broker, self.settings, subject, entry.correlation_id, event_type, data)
 
 
 def _superseded(entry: Entry, server: dict[str, Any] | None, tokens: list[dict[str, Any]]) -> str:

@@ -306,20 +306,8 @@ class Worker:
         event_type: str,
         data: dict[str, Any],
     ) -> None:
-        happened = datetime.now(UTC)
-
-        def render() -> bytes:
-            event = CloudEvent(
-                source=self.settings.event_source,
-                type=event_type,
-                subject=f"{command.username}/{command.server_name}",
-                time=happened,
-                correlationid=correlation_id,
-                data=data,
-            )
-            return event.model_dump_json().encode()
-
-        self.broker.publish_event(event_type, correlation_id, render, EVENT_CONTENT_TYPE)
+        subject = f"{command.username}/{command.server_name}"
+        emit_event(self.broker, self.settings, subject, correlation_id, event_type, data)
 
     async def drain(self, grace: float) -> None:
         """Let running commands finish for ``grace`` seconds, then interrupt (and requeue) the rest."""
@@ -330,6 +318,26 @@ class Worker:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+
+
+def emit_event(
+    broker: Broker, settings: Settings, subject: str, correlation_id: str | None, event_type: str, data: dict[str, Any]
+) -> None:
+    """Queue a CloudEvents lifecycle event about ``subject`` (user/server), timed now, rendered when published."""
+    happened = datetime.now(UTC)
+
+    def render() -> bytes:
+        event = CloudEvent(
+            source=settings.event_source,
+            type=event_type,
+            subject=subject,
+            time=happened,
+            correlationid=correlation_id,
+            data=data,
+        )
+        return event.model_dump_json().encode()
+
+    broker.publish_event(event_type, correlation_id, render, EVENT_CONTENT_TYPE)
 
 
 async def _settle(run: _Run, count: int | None = None, dead_letter: bool = False, requeue: bool = False) -> None:
