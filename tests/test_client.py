@@ -166,7 +166,9 @@ async def test_a_reply_that_never_comes_times_out_after_the_timeout_plus_the_mar
     async with connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(settings.command_queue, passive=True)
-        queued = await queue.get(no_ack=True, timeout=5)
+        # Consumed, not fetched: the command queue has a single active consumer, which refuses basic.get.
+        async with queue.iterator(no_ack=True) as messages:
+            queued = await asyncio.wait_for(messages.__anext__(), 5)
         assert queued.message_id == "celery-task-1" and queued.correlation_id == "celery-task-1"
         assert (queued.reply_to or "").startswith("amq.rabbitmq.reply-to.") and b'"timeout":1.0' in queued.body
 
