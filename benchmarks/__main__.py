@@ -16,7 +16,7 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ EXTRA_SCENARIOS = ("class_start",)  # only when named in --only
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    numbers = lambda kind: lambda text: [kind(x) for x in text.split(",") if x]  # noqa: E731
+    numbers = lambda kind: lambda text: [kind(x) for x in text.split(",") if x]
     parser.add_argument("--full", action="store_true", help="the issue's sizes: N=1,50,200, capacity 1000, read 20 s")
     parser.add_argument("--n", type=numbers(int), help="concurrent launches per round (default 1,50)")
     parser.add_argument("--delays", type=numbers(float), default=[0.0, 5.0], help="spawn delays, s (default 0,5)")
@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def machine() -> dict[str, Any]:
     model = ""
     try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(l.split(":", 1)[1].strip() for l in cpuinfo if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
     versions = {}
@@ -97,9 +98,9 @@ def consumer_version() -> dict[str, Any]:
     root = str(services.CONSUMER_ROOT)
     try:
         commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
+                                text=True, timeout=10, check=False).stdout.strip()
         changed = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "consumer", "schemas"],
-                                 capture_output=True, text=True, timeout=10).stdout.split("\n")
+                                 capture_output=True, text=True, timeout=10, check=False).stdout.split("\n")
     except (OSError, subprocess.SubprocessError):
         commit, changed = "", []
     return {"root": root, "commit": commit or None, "uncommitted_changes": [c for c in changed if c.strip()]}
@@ -180,7 +181,7 @@ async def run_class_start(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
-    stamp = f"{datetime.fromtimestamp(started, timezone.utc):%Y%m%dT%H%M%SZ}"
+    stamp = f"{datetime.fromtimestamp(started, UTC):%Y%m%dT%H%M%SZ}"
     if args.profile:
         services.PY_SPY, services.PROFILES = args.profile, args.out / f"profile-{stamp}"
     info = machine()
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     info["load_average_at_end"] = os.getloadavg()
     figs = report.figures(raw)
     results = {
-        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
         "duration_s": time.time() - started,
         "machine": info,
         "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

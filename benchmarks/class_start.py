@@ -109,7 +109,7 @@ async def class_start_round(
     limit: int, max_concurrency: int, launch_timeout: float, idle_seconds: float,
 ) -> dict[str, Any]:
     names = Names.unique(f"class-{system}")
-    prefix, users = new_users("k", n)
+    _prefix, users = new_users("k", n)
     consumer = consumer_process(hub, names, max_concurrency, launch_timeout, f"class-{system}-{limit}-{delay:g}",
                                 root=root)
     await consumer.start()

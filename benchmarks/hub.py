@@ -254,7 +254,7 @@ class Observer:
                             observation.seen_at = time.time()
                         return
                     first = False
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, ValueError):
             return
 
     def resolve_from_log(self, log: HubLogSlice) -> None:

@@ -10,7 +10,7 @@ import multiprocessing
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 
@@ -48,7 +48,7 @@ class Watch:
         self.stop = asyncio.Event()
         self.give_up = give_up
 
-    async def __aenter__(self) -> Watch:
+    async def __aenter__(self) -> Self:
         self.offset = self.ctx.hub.log_offset()
         self.hub_cpu = tree_cpu_seconds(self.ctx.hub.pid)
         self.task = asyncio.create_task(self.observer.run(self.stop, time.monotonic() + self.give_up))
@@ -179,7 +179,7 @@ async def floor_launch(ctx: Context, username: str, delay: float) -> dict[str, A
             await response.read()
         await asyncio.wait_for(asyncio.gather(token(), start()), ctx.launch_timeout)
         entry["ok"] = True
-    except Exception as error:  # a failed launch is a figure, not a crash of the benchmark
+    except Exception as error:  # noqa: BLE001 (a failed launch is a figure, not a crash of the benchmark)
         entry["error"] = f"{type(error).__name__}: {error}"
     entry["replied"] = time.time()
     return entry
@@ -244,7 +244,7 @@ async def capacity_round(ctx: Context, n: int, delay: float) -> dict[str, Any]:
     """Scenario 4: N launches in flight in one consumer process at once (the spawn delay keeps them
     pending), with its peak RSS and CPU."""
     names = Names.unique("capacity")
-    prefix, users = new_users("c", n)
+    _prefix, users = new_users("c", n)
     consumer = consumer_process(ctx.hub, names, max(n, ctx.max_concurrency), ctx.launch_timeout, f"capacity-n{n}")
     await consumer.start()
     in_flight = {"now": 0, "peak": 0, "accepted": 0}

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aio_pika
 import yaml
@@ -80,7 +80,8 @@ class ServiceProcess:
 
     async def start(self, timeout: float = 60) -> None:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
+        # Popen only forks: it returns at once, and the wait for readiness below is asynchronous.
+        self.process = subprocess.Popen(  # noqa: ASYNC220
             self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         give_up = time.monotonic() + timeout
@@ -182,7 +183,7 @@ class RpcClient:
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
         self.on_reply: Callable[[str], None] | None = None
 
-    async def __aenter__(self) -> RpcClient:
+    async def __aenter__(self) -> Self:
         self.connection = await aio_pika.connect_robust(AMQP_URL)
         self.channel = await self.connection.channel()
         self.reply_queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)

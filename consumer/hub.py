@@ -125,7 +125,7 @@ class HubClient:
                             # found pending or running when retried, which the launch handles.
                             raise HubError(response.status, message)
                         failure = f"{response.status} {message}"
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as error:
+            except (TimeoutError, aiohttp.ClientConnectionError) as error:
                 failure = f"{type(error).__name__}: {error}"
             finally:
                 metrics.HUB_REQUESTS.labels(method, route, status).inc()

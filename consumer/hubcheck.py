@@ -72,7 +72,7 @@ class HubCheck:
             return f"unreachable ({error})", ""
         except TimeoutError:
             return f"no answer within {CHECK_TIMEOUT:g} s", ""
-        except Exception as error:  # anything else (a malformed answer, a refused TLS handshake): logged, checked again
+        except Exception as error:  # noqa: BLE001 (anything else, e.g. a malformed answer or a refused TLS handshake: logged, checked again)
             return f"the check failed ({type(error).__name__}: {error})", ""
         owner = f"{identity.get('kind', 'user')} {identity.get('name', '?')!r}"
         scopes = [str(scope).split("!", 1)[0] for scope in identity.get("scopes") or []]

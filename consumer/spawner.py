@@ -131,7 +131,7 @@ class LauncherOptionsError(ValueError):
 def memory_bytes(value: Any) -> int:
     """Bytes for ``512M``, ``1G`` (powers of 1024, as JupyterHub), ``1.5Gi`` or an integer."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{value!r} is not a memory quantity: use bytes or a string like '512M'")
+        raise ValueError(f"{value!r} is not a memory quantity: use bytes or a string like '512M'")  # noqa: TRY004
     if isinstance(value, int):
         size = value
     else:
@@ -185,7 +185,7 @@ def tolerations_option(keys: list[str] | None = None, max_items: int = 10) -> La
         for index, item in enumerate(value):
             where = f"[{index}]"
             if not isinstance(item, dict):
-                raise ValueError(f"{where} must be an object")
+                raise ValueError(f"{where} must be an object")  # noqa: TRY004 (callers catch ValueError)
             unknown = sorted(set(item) - _TOLERATION_KEYS)
             if unknown:
                 raise ValueError(f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(sorted(_TOLERATION_KEYS))}")
@@ -465,7 +465,7 @@ class LauncherSpawnerMixin(Configurable):
 
     launcher_image = Unicode("", help="The image the caller asked for ('' when none); informative locally.")
     launcher_gpu = Integer(0, help="GPUs the caller asked for; informative for spawners without GPUs.")
-    launcher_volumes = List(help="The caller's checked volumes; informative for spawners without PVCs.")
+    launcher_volumes: List[dict[str, Any]] = List(help="The caller's checked volumes; informative for spawners without PVCs.")
 
     @default("apply_user_options")
     def _launcher_apply_user_options_default(self) -> Callable[[Any, dict[str, Any]], None]:
@@ -574,7 +574,7 @@ class LauncherSpawnerMixin(Configurable):
         """Apply ``user_options`` unless the apply_user_options hook already did for this spawn."""
         if self._launcher_stage != "applied":
             # JupyterHub < 5.3, or an admin's own apply_user_options: the start fails with the message.
-            self.launcher_apply(self.user_options or {})  # type: ignore[attr-defined]
+            self.launcher_apply(self.user_options or {})
 
     def start(self) -> Any:
         # Not async: KubeSpawner.start must set its start future synchronously.
@@ -647,7 +647,7 @@ class LauncherSpawnerMixin(Configurable):
 
     def _launcher_store(self, options: dict[str, Any]) -> None:
         """Keep what was applied as the server's options: the model shows them, unsigned."""
-        self.user_options = options  # type: ignore[attr-defined]
+        self.user_options = options
         orm_spawner = getattr(self, "orm_spawner", None)
         if orm_spawner is not None and getattr(orm_spawner, "user_options", None) != options:
             orm_spawner.user_options = options
@@ -819,10 +819,11 @@ class LauncherSpawnerMixin(Configurable):
                     f"{what}: this hub limits the {what} of each user's servers in all, so every server needs a"
                     f" {what} limit, and {which} has none"
                 )
-            mine, total = counted[0], sum(counted)
+            amounts = [used for used in counted if used is not None]  # all of them, by the check above
+            mine, total = amounts[0], sum(amounts)
             if total > cap:
 
-                def show(amount: float) -> str:
+                def show(amount: float, what: str = what, unit: str = unit) -> str:
                     return _human_bytes(int(amount)) if what == "memory" else f"{amount:g} {unit}"
 
                 raise LauncherOptionsError(
@@ -1093,5 +1094,5 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    class KubeLauncherSpawner(LauncherSpawnerMixin, KubeSpawner):  # noqa: D101
+    class KubeLauncherSpawner(LauncherSpawnerMixin, KubeSpawner):
         ...

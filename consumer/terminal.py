@@ -163,7 +163,10 @@ def _command(args: argparse.Namespace) -> LaunchCommand | ReadCommand | RemoveCo
             "image": args.image, "cpu": args.cpu, "memory": args.memory, "gpu": gpu, "vols": args.vol,
             "env": dict(args.env) if args.env else None, "ttl": args.ttl, "timeout": args.timeout,
         }  # fmt: skip
-    model = {"launch": LaunchCommand, "read": ReadCommand, "remove": RemoveCommand}[args.command]
+    models: dict[str, type[LaunchCommand | ReadCommand | RemoveCommand]] = {
+        "launch": LaunchCommand, "read": ReadCommand, "remove": RemoveCommand
+    }
+    model = models[args.command]
     try:
         return model.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as error:
@@ -181,7 +184,7 @@ async def _main(args: argparse.Namespace, command: LaunchCommand | ReadCommand |
     client = LauncherClient.from_settings(settings, connection_name=f"jupyterhub-launcher {args.command}")
     try:
         await client.connect()
-    except Exception as error:  # OSError, aiormq's AMQPConnectionError, a malformed URL
+    except Exception as error:  # noqa: BLE001 (OSError, aiormq's AMQPConnectionError, a malformed URL)
         print(f"error: cannot connect to RabbitMQ: {type(error).__name__}", file=sys.stderr)
         await client.close()
         return EXIT_CODES["broker_unreachable"]
@@ -205,7 +208,6 @@ async def _run(client: LauncherClient, args: argparse.Namespace, command: Launch
         else:
             reply = await client.call(command, timeout=timeout)
     except LauncherError as error:  # no reply: timeout, not delivered
-        reply = None
         answer: dict[str, Any] = {
             "ok": False, "action": command.action, "username": command.username, "server_name": command.server_name,
             "result": None, "error": {"code": error.code, "message": error.message, "details": None},

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -165,13 +165,13 @@ class Worker:
                 log.exception("clean-up of launch %s of %s/%s failed unexpectedly; dead-lettered", job.launch, job.username, job.server_name)
                 await _settle(run, dead_letter=True)
                 return
-            age = (datetime.now(timezone.utc) - job.failed_at).total_seconds()
+            age = (datetime.now(UTC) - job.failed_at).total_seconds()
             if not done and age > FOLLOW_UP_LIFETIME:
                 log.error("clean-up of launch %s of %s/%s given up after %.0f s", job.launch, job.username, job.server_name, age)
             elif not done:
                 try:
                     await self.broker.publish_command(message.body, FOLLOW_UP_TYPE)
-                except Exception as error:
+                except Exception as error:  # noqa: BLE001
                     log.warning("could not re-queue clean-up %s (%s); redelivered", job.launch, type(error).__name__)
                     await _settle(run, requeue=True)
                     return
@@ -214,7 +214,7 @@ class Worker:
                 result = await self.expiry.schedule(command, result, message.correlation_id)
         except CommandFailed as error:
             log.info("%s %s/%s: %s", command.action, command.username, command.server_name, error)
-            info = ErrorInfo(code=error.code, message=error.message, details=error.details)  # type: ignore[arg-type]
+            info = ErrorInfo(code=error.code, message=error.message, details=error.details)
             return Reply(ok=False, error=info, **target), False, error.follow_up
         except Exception:
             # A bug, not the caller's fault: answer, and keep the command for inspection.
@@ -294,7 +294,7 @@ class Worker:
         try:
             # All confirmed before the ack, but waited for together: one broker round trip, not two.
             await asyncio.gather(*publishes)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             log.error("could not publish the reply to %s: %s", deliveries[0].message_id, type(error).__name__)
             return False
         return True
@@ -306,20 +306,8 @@ class Worker:
         event_type: str,
         data: dict[str, Any],
     ) -> None:
-        happened = datetime.now(timezone.utc)
-
-        def render() -> bytes:
-            event = CloudEvent(
-                source=self.settings.event_source,
-                type=event_type,  # type: ignore[arg-type]
-                subject=f"{command.username}/{command.server_name}",
-                time=happened,
-                correlationid=correlation_id,
-                data=data,
-            )
-            return event.model_dump_json().encode()
-
-        self.broker.publish_event(event_type, correlation_id, render, EVENT_CONTENT_TYPE)
+        subject = f"{command.username}/{command.server_name}"
+        emit_event(self.broker, self.settings, subject, correlation_id, event_type, data)
 
     async def drain(self, grace: float) -> None:
         """Let running commands finish for ``grace`` seconds, then interrupt (and requeue) the rest."""
@@ -330,6 +318,26 @@ class Worker:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+
+
+def emit_event(
+    broker: Broker, settings: Settings, subject: str, correlation_id: str | None, event_type: str, data: dict[str, Any]
+) -> None:
+    """Queue a CloudEvents lifecycle event about ``subject`` (user/server), timed now, rendered when published."""
+    happened = datetime.now(UTC)
+
+    def render() -> bytes:
+        event = CloudEvent(
+            source=settings.event_source,
+            type=event_type,
+            subject=subject,
+            time=happened,
+            correlationid=correlation_id,
+            data=data,
+        )
+        return event.model_dump_json().encode()
+
+    broker.publish_event(event_type, correlation_id, render, EVENT_CONTENT_TYPE)
 
 
 async def _settle(run: _Run, count: int | None = None, dead_letter: bool = False, requeue: bool = False) -> None:
@@ -346,7 +354,7 @@ async def _settle(run: _Run, count: int | None = None, dead_letter: bool = False
                 await delivery.reject(requeue=False)
             else:
                 await delivery.ack()
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             log.info("delivery %s not settled (%s); the broker redelivers it", delivery.delivery_tag, type(error).__name__)
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
 
@@ -367,7 +367,7 @@ class _Launch:
                     await start  # raises if the start itself was refused
                 else:
                     log.warning("progress stream unusable (%s); polling", error.status)
-            except (aiohttp.ClientError, asyncio.TimeoutError, HubUnavailable) as error:
+            except (TimeoutError, aiohttp.ClientError, HubUnavailable) as error:
                 # HubUnavailable: a proxy with no route to the hub (it restarts); polling retries.
                 log.warning("progress stream broke (%s); polling", type(error).__name__)
             break
@@ -514,7 +514,7 @@ def _hub_errors() -> Any:
         raise CommandFailed("hub_error", f"JupyterHub answered {error.status}: {error.message}") from None
 
 
-def _is_running(server: dict[str, Any] | None) -> bool:
+def _is_running(server: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
     """Ready and not in the middle of a start or stop, by the hub's server model."""
     return bool(server and server.get("ready") and not server.get("pending"))
 

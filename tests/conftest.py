@@ -8,7 +8,7 @@ import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Self
 
 import aio_pika
 import pytest
@@ -101,7 +101,7 @@ class Client:
         self.events: list[dict[str, Any]] = []
         self.event_messages: list[aio_pika.abc.AbstractIncomingMessage] = []
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Self:
         self.connection = await aio_pika.connect_robust(self.settings.amqp_url.get_secret_value())
         self.channel = await self.connection.channel(on_return_raises=True)
         if self.durable_replies:

@@ -411,7 +411,7 @@ async def test_the_example_client_of_the_older_worker_runs_unchanged(
     output = (await asyncio.wait_for(process.communicate(), 240))[0].decode()
 
     assert process.returncode == 0, output
-    assert re.search(rf"^launched: http://\S+/user/{username}/$", output, re.M), output
+    assert re.search(rf"^launched: http://\S+/user/{username}/$", output, re.MULTILINE), output
     assert "ready: True" in output and "removed: True" in output, output
 
 

@@ -185,7 +185,7 @@ def huge_cases(users: list[str]) -> list[Case]:
         return Case(body, OUR_QUEUE, None, "huge", "application/json", None, {}, 2, None)
 
     mib = 1024 * 1024
-    filler = lambda n: json.dumps({"action": "launch", "username": users[0], "image": "x" * n}).encode()  # noqa: E731
+    filler = lambda n: json.dumps({"action": "launch", "username": users[0], "image": "x" * n}).encode()
     return [
         case(filler(mib - 100)),
         case(filler(mib + 1)),

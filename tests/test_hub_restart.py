@@ -71,9 +71,8 @@ async def launcher_tokens(hub_api: HubClient, username: str) -> list[dict[str, A
 
 
 async def status_with(url: str, token: str) -> int:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(url + "api/status", headers={"Authorization": f"token {token}"}, allow_redirects=False) as r:
-            return r.status
+    async with aiohttp.ClientSession() as http, http.get(url + "api/status", headers={"Authorization": f"token {token}"}, allow_redirects=False) as r:
+        return r.status
 
 
 async def test_a_launch_following_a_healthy_spawn_through_a_hub_restart_ends_ready_and_stops_nothing(

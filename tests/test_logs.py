@@ -161,7 +161,7 @@ async def test_json_logs_of_real_commands_at_debug_parse_line_by_line_with_no_se
         "LAUNCHER_HEALTH_PORT": "0",
         "LAUNCHER_JUPYTERHUB_URL": hub.url,
         "LAUNCHER_JUPYTERHUB_API_TOKEN": hub.token,
-        "LAUNCHER_SPAWNER_SIGNING_KEY": hub.signing_key,
+        "LAUNCHER_SPAWNER_SIGNING_KEY": hub.signing_key,  # the hub starts only signed options
         "LAUNCHER_AMQP_URL": AMQP_URL,
         "LAUNCHER_COMMAND_QUEUE": settings.command_queue,
         "LAUNCHER_REPLY_EXCHANGE": settings.reply_exchange,
@@ -193,7 +193,7 @@ async def test_json_logs_of_real_commands_at_debug_parse_line_by_line_with_no_se
     text = log_path.read_text()
     lines: list[dict[str, Any]] = [json.loads(line) for line in text.splitlines()]  # each line one object
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
-    for secret in (hub.token, launched["result"]["token"], "guest:guest", USER_TOKEN):
+    for secret in (hub.token, hub.signing_key, launched["result"]["token"], "guest:guest", USER_TOKEN):
         assert secret not in text
 
     def of(correlation_id: str) -> list[dict[str, Any]]:

@@ -49,10 +49,9 @@ def event_time(client: Client, correlation_id: str, event_type: str) -> str:
 
 
 async def launcher_tokens(hub: LocalHub, username: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession(headers={"Authorization": f"token {hub.token}"}) as session:
-        async with session.get(f"{hub.api_url}/users/{username}/tokens") as response:
-            assert response.status == 200, await response.text()
-            tokens = (await response.json())["api_tokens"]
+    async with aiohttp.ClientSession(headers={"Authorization": f"token {hub.token}"}) as session, session.get(f"{hub.api_url}/users/{username}/tokens") as response:
+        assert response.status == 200, await response.text()
+        tokens = (await response.json())["api_tokens"]
     return [t for t in tokens if (t.get("note") or "").startswith("jupyterhub-launcher")]
 
 

@@ -206,7 +206,7 @@ def test_signed_options_compare_equal_to_the_same_options_however_signed() -> No
     first, later = signed_options(KEY, "a", "", options, now=1), signed_options(KEY, "a", "", options, now=2)
     assert isinstance(first, SignedOptions) and first[SIGNATURE_KEY] != later[SIGNATURE_KEY]
     assert first == later and first == options and options == first
-    assert not (first != options) and not (options != first)
+    assert not (first != options) and not (options != first)  # noqa: SIM202 (tests __ne__ itself)
     assert first != {"cpu": {"limit": 2}} and {"cpu": {"limit": 2}} != first
     assert signed_options("", "a", "", options) is options  # no key: unchanged
 

@@ -38,7 +38,7 @@ def load_example() -> Config:
     config = Config()
     example_env = {"LAUNCHER_JUPYTERHUB_API_TOKEN": "example-token", "LAUNCHER_SPAWNER_SIGNING_KEY": "example-key"}
     with mock.patch.dict(os.environ, example_env):
-        exec(compile(EXAMPLE.read_text(), str(EXAMPLE), "exec"), {"get_config": lambda: config})
+        exec(compile(EXAMPLE.read_text(), str(EXAMPLE), "exec"), {"get_config": lambda: config})  # noqa: S102 (our example)
     return config
 
 
@@ -105,12 +105,11 @@ async def hub_api(hub: LocalHub) -> AsyncIterator[HubClient]:
 
 async def process_env(result: dict[str, Any]) -> dict[str, str]:
     """The single-user process's environment, as the stand-in server reports it."""
-    async with aiohttp.ClientSession() as http:
-        async with http.get(
-            result["url"] + "api/launcher-env", headers={"Authorization": f"token {result['token']}"}
-        ) as response:
-            assert response.status == 200
-            return await response.json()
+    async with aiohttp.ClientSession() as http, http.get(
+        result["url"] + "api/launcher-env", headers={"Authorization": f"token {result['token']}"}
+    ) as response:
+        assert response.status == 200
+        return await response.json()
 
 
 # -- options reach the process ----------------------------------------------------------------------
@@ -218,7 +217,7 @@ SCHEMA_AND_HUB = [
 
 @pytest.mark.parametrize(("options", "message"), SCHEMA_AND_HUB)
 async def test_hostile_options_are_refused_by_the_consumer_schema(
-    policy_hub: LocalHub, username: str, options: dict[str, Any], message: str  # noqa: ARG001 (the hub's message)
+    policy_hub: LocalHub, username: str, options: dict[str, Any], message: str  # message: the hub's, unused here
 ) -> None:
     async with launcher(policy_hub) as client:
         reply = await client.call({"action": "launch", "username": username, "image": "standin", **options})
@@ -273,9 +272,8 @@ async def test_when_the_hub_answers_at_once_a_violation_still_reaches_the_caller
 
 
 async def status_with_token_in_url(result: dict[str, Any]) -> int:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(result["url"] + f"api/status?token={result['token']}", allow_redirects=False) as response:
-            return response.status
+    async with aiohttp.ClientSession() as http, http.get(result["url"] + f"api/status?token={result['token']}", allow_redirects=False) as response:
+        return response.status
 
 
 async def test_token_in_url_opens_the_server_only_when_the_hub_allows_it(
@@ -333,12 +331,11 @@ async def as_user(hub: LocalHub, username: str) -> AsyncIterator[aiohttp.ClientS
     the tests' service makes users."""
     async with hub_api(hub) as api:
         await api.ensure_user(username)
-    async with aiohttp.ClientSession(headers={"Authorization": f"token {hub.token}"}) as service:
-        async with service.post(
-            f"{hub.api_url}/users/{username}/tokens", json={"expires_in": 600, "note": "test: the user's own token"}
-        ) as response:
-            assert response.status == 201, await response.text()
-            token = (await response.json())["token"]
+    async with aiohttp.ClientSession(headers={"Authorization": f"token {hub.token}"}) as service, service.post(
+        f"{hub.api_url}/users/{username}/tokens", json={"expires_in": 600, "note": "test: the user's own token"}
+    ) as response:
+        assert response.status == 201, await response.text()
+        token = (await response.json())["token"]
     async with aiohttp.ClientSession(headers={"Authorization": f"token {token}"}) as session:
         async with session.get(f"{hub.api_url}/user") as response:
             assert response.status == 200

@@ -17,6 +17,7 @@ import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Self
 
 from tests.support.localhub import find_proxy, free_port
 
@@ -80,7 +81,7 @@ class FrontProxy:
         self.stop()
         self.start(routed=routed)
 
-    def __enter__(self) -> FrontProxy:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
