@@ -101,9 +101,21 @@ class ServiceProcess:
         # Collapsed stacks (one line per stack with its sample count): readable and diffable.
         # --nonblocking: sampling does not pause the process, so timings stay honest.
         self.profiler = subprocess.Popen(
-            [PY_SPY, "record", "--pid", str(self.pid), "--format", "raw", "--rate", "200", "--nonblocking",
-             "--output", str(PROFILES / f"{self.profile_name}.txt")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                PY_SPY,
+                "record",
+                "--pid",
+                str(self.pid),
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--output",
+                str(PROFILES / f"{self.profile_name}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     def log_tail(self, lines: int = 30) -> str:
@@ -131,7 +143,11 @@ class ServiceProcess:
 
 
 def consumer_process(
-    hub: BenchHub, names: Names, max_concurrency: int, launch_timeout: float, profile_name: str | None = None,
+    hub: BenchHub,
+    names: Names,
+    max_concurrency: int,
+    launch_timeout: float,
+    profile_name: str | None = None,
     root: Path | None = None,
 ) -> ServiceProcess:
     """``python -m consumer run --config FILE``, exactly as deployed, against the benchmark hub;

@@ -104,9 +104,7 @@ class Broker:
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         assert self.channel is not None
         await self.channel.set_qos(prefetch_count=s.max_concurrency)
-        dlx = await self.channel.declare_exchange(
-            s.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-        )
+        dlx = await self.channel.declare_exchange(s.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
         dead = await self._declare_queue(s.dead_letter_queue, {"x-queue-type": "quorum"})
         await dead.bind(dlx)
         self.queue = await self._declare_queue(
@@ -123,9 +121,7 @@ class Broker:
         )
         # A consumer restored after a reconnect may have become a standby: active again on delivery.
         self.connection.reconnect_callbacks.add(self._became_unknown)
-        self.replies = await self.channel.declare_exchange(
-            s.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
+        self.replies = await self.channel.declare_exchange(s.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
         journal_channel: AbstractRobustChannel = await self.connection.channel(publisher_confirms=True)
         await journal_channel.set_qos(prefetch_count=500)  # a stream consumer needs a prefetch
         stream = await self._declare_queue(s.answers_queue, journal.ARGUMENTS, journal_channel)
@@ -148,7 +144,9 @@ class Broker:
             return await (channel or self.channel).declare_queue(name, durable=True, arguments=arguments)
         except aiormq.exceptions.ChannelPreconditionFailed as error:
             await self.connection.close()  # the broker closed the channel; nothing to restore
-            raise QueueMismatch(_mismatch_message(name, arguments, str(error.args[0] if error.args else error))) from None
+            raise QueueMismatch(
+                _mismatch_message(name, arguments, str(error.args[0] if error.args else error))
+            ) from None
 
     @property
     def active(self) -> bool:
@@ -198,7 +196,9 @@ class Broker:
         """RPC reply to ``reply_to`` (a named queue or ``amq.rabbitmq.reply-to``); False if it is gone."""
         assert self.channel is not None
         try:
-            await _publish(self.channel, "", reply_to, body, _properties("application/json", correlation_id), mandatory=True)
+            await _publish(
+                self.channel, "", reply_to, body, _properties("application/json", correlation_id), mandatory=True
+            )
         except PublishError:
             # Never log the error itself: it holds the returned message, token included.
             log.warning("reply queue %r does not exist; the reply exchange still has the result", reply_to)

@@ -106,9 +106,11 @@ def launch_command(
         if spec is not None:
             body[name] = spec
     if vols is not None:
-        body["vols"] = [
-            {**vol, "subpath": vol.get("subpath") or ""} if isinstance(vol, dict) else vol for vol in vols
-        ] if isinstance(vols, (list, tuple)) else vols
+        body["vols"] = (
+            [{**vol, "subpath": vol.get("subpath") or ""} if isinstance(vol, dict) else vol for vol in vols]
+            if isinstance(vols, (list, tuple))
+            else vols
+        )
     if json is not None:
         body["json"] = json
     if env is not None:
@@ -190,7 +192,9 @@ class Bridge:
             except ReplyTimeout as error:
                 if attempt == SEND_ATTEMPTS:
                     raise CallFailed(error.code, error.message) from None
-                log.warning("%s: %s; sending it again (%d of %d)", message_id, error.message, attempt + 1, SEND_ATTEMPTS)
+                log.warning(
+                    "%s: %s; sending it again (%d of %d)", message_id, error.message, attempt + 1, SEND_ATTEMPTS
+                )
             except LauncherError as error:  # no command queue
                 raise CallFailed(error.code, error.message) from None
         if not reply.ok:

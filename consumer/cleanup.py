@@ -137,7 +137,9 @@ async def undo(hub: HubClient, job: CleanUp) -> bool:
     if later:
         log.info(
             "%s/%s was launched again since launch %s failed: not stopping it",
-            job.username, job.server_name, job.launch,
+            job.username,
+            job.server_name,
+            job.launch,
         )
         return False
     return True

@@ -78,7 +78,9 @@ class Entry(BaseModel):
 
 
 class Expiry:
-    def __init__(self, settings: Settings, broker: Broker, hub: HubClient, workflows: Workflows, locks: KeyedLocks) -> None:
+    def __init__(
+        self, settings: Settings, broker: Broker, hub: HubClient, workflows: Workflows, locks: KeyedLocks
+    ) -> None:
         self.settings = settings
         self.broker = broker
         self.hub = hub
@@ -148,7 +150,9 @@ class Expiry:
 
     # ---- scheduling ----------------------------------------------------------------------------
 
-    async def schedule(self, command: LaunchCommand, result: dict[str, Any], correlation_id: str | None) -> dict[str, Any]:
+    async def schedule(
+        self, command: LaunchCommand, result: dict[str, Any], correlation_id: str | None
+    ) -> dict[str, Any]:
         """Record the removal of a launch that became ready just now; the result with ``expires_at``."""
         assert command.ttl is not None
         due = time.time() + command.ttl
@@ -214,7 +218,12 @@ class Expiry:
                 if not await self._expire(entry):
                     entry.attempts += 1
                     if entry.attempts >= MAX_ATTEMPTS:
-                        log.error("gave up removing expired server %s/%s after %d attempts", entry.username, entry.server_name, entry.attempts)
+                        log.error(
+                            "gave up removing expired server %s/%s after %d attempts",
+                            entry.username,
+                            entry.server_name,
+                            entry.attempts,
+                        )
                     else:
                         entry.not_before = time.time() + RETRY_AFTER
                         await self._route(entry)
@@ -237,7 +246,9 @@ class Expiry:
                     hub.get_server(entry.username, entry.server_name), hub.list_tokens(entry.username)
                 )
             except Exception as error:  # noqa: BLE001
-                log.warning("expiry of %s: hub unavailable (%s); trying again in %g s", label, type(error).__name__, RETRY_AFTER)
+                log.warning(
+                    "expiry of %s: hub unavailable (%s); trying again in %g s", label, type(error).__name__, RETRY_AFTER
+                )
                 return False
             reason = _superseded(entry, server, tokens)
             if reason:

@@ -59,7 +59,10 @@ class HubCheck:
                 try:
                     version = await hub.version()
                 except HubError as error:
-                    return f"GET {self.settings.jupyterhub_api_prefix}/ answered {error} (is this JupyterHub's API?)", ""
+                    return (
+                        f"GET {self.settings.jupyterhub_api_prefix}/ answered {error} (is this JupyterHub's API?)",
+                        "",
+                    )
                 except (KeyError, TypeError):
                     return f"GET {self.settings.jupyterhub_api_prefix}/ did not answer like JupyterHub", ""
                 try:

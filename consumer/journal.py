@@ -90,8 +90,8 @@ class Journal:
                 self._record(message, marker, seen)
                 await message.ack()
 
-            start: int | datetime = self.next_offset if self.next_offset is not None else (
-                datetime.now(UTC) - timedelta(seconds=WINDOW)
+            start: int | datetime = (
+                self.next_offset if self.next_offset is not None else (datetime.now(UTC) - timedelta(seconds=WINDOW))
             )
             sent = asyncio.get_running_loop().time()
             await self.channel.default_exchange.publish(

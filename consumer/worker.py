@@ -132,7 +132,9 @@ class Worker:
                     return
             # A read changes nothing: it need not wait for (or hold up) a launch or remove.
             ordered = not isinstance(command, ReadCommand)
-            async with self.locks.hold((command.username, command.server_name)) if ordered else contextlib.nullcontext():
+            async with (
+                self.locks.hold((command.username, command.server_name)) if ordered else contextlib.nullcontext()
+            ):
                 reply, dead_letter, follow_up = await self._execute(command, message, key)
             await self._finish(run, key, reply, dead_letter, follow_up)
         except asyncio.CancelledError:
@@ -162,12 +164,23 @@ class Worker:
                 async with self.locks.hold((job.username, job.server_name)):
                     done = await self.workflows.clean_up(job)
             except Exception:
-                log.exception("clean-up of launch %s of %s/%s failed unexpectedly; dead-lettered", job.launch, job.username, job.server_name)
+                log.exception(
+                    "clean-up of launch %s of %s/%s failed unexpectedly; dead-lettered",
+                    job.launch,
+                    job.username,
+                    job.server_name,
+                )
                 await _settle(run, dead_letter=True)
                 return
             age = (datetime.now(UTC) - job.failed_at).total_seconds()
             if not done and age > FOLLOW_UP_LIFETIME:
-                log.error("clean-up of launch %s of %s/%s given up after %.0f s", job.launch, job.username, job.server_name, age)
+                log.error(
+                    "clean-up of launch %s of %s/%s given up after %.0f s",
+                    job.launch,
+                    job.username,
+                    job.server_name,
+                    age,
+                )
             elif not done:
                 try:
                     await self.broker.publish_command(message.body, FOLLOW_UP_TYPE)
@@ -189,7 +202,9 @@ class Worker:
                 error=ErrorInfo(code="internal_error", message="the launcher failed on this command; see its log"),
                 **_loose_target(message.body),
             )
-            answered = await self._answer(run, _identity(message), run.deliveries[run.settled :], reply.routing_key, reply.body())
+            answered = await self._answer(
+                run, _identity(message), run.deliveries[run.settled :], reply.routing_key, reply.body()
+            )
         except Exception:
             log.exception("command %s: no error reply could be made", message.message_id)
             answered = False
@@ -201,7 +216,9 @@ class Worker:
         self, command: LaunchCommand | RemoveCommand | ReadCommand, message: AbstractIncomingMessage, key: str
     ) -> tuple[Reply, bool, CleanUp | None]:
         target = {"action": command.action, "username": command.username, "server_name": command.server_name}
-        log.info("%s %s/%s: started (command %s)", command.action, command.username, command.server_name, message.message_id)
+        log.info(
+            "%s %s/%s: started (command %s)", command.action, command.username, command.server_name, message.message_id
+        )
 
         def emit(event_type: str, data: dict[str, Any]) -> None:
             self._emit(command, message.correlation_id, event_type, data)
@@ -355,7 +372,9 @@ async def _settle(run: _Run, count: int | None = None, dead_letter: bool = False
             else:
                 await delivery.ack()
         except Exception as error:  # noqa: BLE001
-            log.info("delivery %s not settled (%s); the broker redelivers it", delivery.delivery_tag, type(error).__name__)
+            log.info(
+                "delivery %s not settled (%s); the broker redelivers it", delivery.delivery_tag, type(error).__name__
+            )
 
 
 def _identity(message: AbstractIncomingMessage) -> str:

@@ -260,9 +260,7 @@ def _shape(value: Any) -> tuple[int, bool]:
     return deepest, finite
 
 
-Command = Annotated[
-    LaunchCommand | RemoveCommand | ReadCommand, Field(discriminator="action")
-]
+Command = Annotated[LaunchCommand | RemoveCommand | ReadCommand, Field(discriminator="action")]
 ACTIONS = ("launch", "remove", "read")
 command_adapter: TypeAdapter[LaunchCommand | RemoveCommand | ReadCommand] = TypeAdapter(Command)
 
@@ -275,7 +273,8 @@ def parse_command(body: bytes | str) -> LaunchCommand | RemoveCommand | ReadComm
     """
     if len(body) > MAX_COMMAND_BYTES:
         too_large = PydanticCustomError(
-            "command_too_large", "{size} bytes, more than the {limit} a command may have",
+            "command_too_large",
+            "{size} bytes, more than the {limit} a command may have",
             {"size": len(body), "limit": MAX_COMMAND_BYTES},
         )
         details: InitErrorDetails = {"type": too_large, "loc": (), "input": None}

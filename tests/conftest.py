@@ -135,7 +135,9 @@ class Client:
             future.set_result(json.loads(message.body))
 
     async def _on_result(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        self.results.append((message.routing_key or "", json.loads(message.body) | {"_correlation_id": message.correlation_id}))
+        self.results.append(
+            (message.routing_key or "", json.loads(message.body) | {"_correlation_id": message.correlation_id})
+        )
 
     async def _on_event(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         self.event_messages.append(message)

@@ -33,7 +33,9 @@ async def test_launch_read_remove_return_typed_results_and_progress_reaches_the_
 ) -> None:
     seen: list[CloudEvent] = []
     async with client_for(settings) as client:
-        result = await client.launch(username=username, image="standin:slow-1", server_name="lab", cpu={"limit": 1}, on_progress=seen.append)
+        result = await client.launch(
+            username=username, image="standin:slow-1", server_name="lab", cpu={"limit": 1}, on_progress=seen.append
+        )
         assert isinstance(result, LaunchResult)
         assert result.url.endswith(f"/user/{username}/lab/") and result.token
         assert result.cpu is not None and result.cpu.limit == 1.0
@@ -96,9 +98,11 @@ async def test_an_invalid_command_is_refused_before_anything_is_sent(settings: S
 
 async def test_events_are_filtered_by_user_server_and_type(service: None, settings: Settings, username: str) -> None:
     other = username + "o"
-    async with client_for(settings) as client, client.events(user=username, types="launch.ready") as ready, client.events(
-        server="", types=["remove.*"]
-    ) as removes:
+    async with (
+        client_for(settings) as client,
+        client.events(user=username, types="launch.ready") as ready,
+        client.events(server="", types=["remove.*"]) as removes,
+    ):
         await asyncio.gather(
             client.launch(username=username, image="standin"),
             client.launch(username=other, image="standin"),
@@ -185,5 +189,9 @@ def test_from_config_reads_the_services_config_file(tmp_path, monkeypatch) -> No
     config.write_text("command_queue: team.commands\nevents_exchange: team.events\nlaunch_timeout: 42\n")
     monkeypatch.setenv("LAUNCHER_AMQP_URL", "amqp://u:p@rabbit/")
     client = LauncherClient.from_config(config)
-    assert (client.amqp_url, client.command_queue, client.events_exchange) == ("amqp://u:p@rabbit/", "team.commands", "team.events")
+    assert (client.amqp_url, client.command_queue, client.events_exchange) == (
+        "amqp://u:p@rabbit/",
+        "team.commands",
+        "team.events",
+    )
     assert client.reply_exchange == "launcher.replies" and client.launch_timeout == 42

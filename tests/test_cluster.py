@@ -49,8 +49,12 @@ class ClusterClient(RecordingClient):
         self.reply_queue = await declare(unique("test-replies-"), durable=True, arguments=QUORUM)
         self.results_queue = await declare(unique("test-results-"), durable=True, arguments=QUORUM)
         self.events_queue = await declare(unique("test-events-"), durable=True, arguments=QUORUM)
-        replies = await self.channel.declare_exchange(self.settings.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-        events = await self.channel.declare_exchange(self.settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        replies = await self.channel.declare_exchange(
+            self.settings.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        events = await self.channel.declare_exchange(
+            self.settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
         await self.results_queue.bind(replies, "#")
         await self.events_queue.bind(events, "#")
         await self.reply_queue.consume(self._acked(self._on_reply))

@@ -60,7 +60,12 @@ class HubWatch:
         ) as response:  # fmt: skip
             response.raise_for_status()
             users = await response.json()
-        return {(u["name"], name) for u in users for name, s in (u.get("servers") or {}).items() if s.get("ready") or s.get("pending") == "spawn"}
+        return {
+            (u["name"], name)
+            for u in users
+            for name, s in (u.get("servers") or {}).items()
+            if s.get("ready") or s.get("pending") == "spawn"
+        }
 
     async def _poll(self) -> None:
         async with aiohttp.ClientSession() as http:
@@ -90,7 +95,11 @@ class HubWatch:
 async def test_a_launch_with_a_ttl_is_removed_on_time_with_the_reason(
     ttl_settings: Settings, hub: LocalHub, username: str
 ) -> None:
-    async with running_service(ttl_settings), LauncherClient.from_settings(ttl_settings) as client, client.events(user=username) as events:
+    async with (
+        running_service(ttl_settings),
+        LauncherClient.from_settings(ttl_settings) as client,
+        client.events(user=username) as events,
+    ):
         started = time.time()
         result = await client.launch(username=username, image="standin", ttl=3)
         assert result.expires_at is not None

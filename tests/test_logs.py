@@ -122,12 +122,20 @@ async def test_json_lines_carry_the_fields_of_their_own_command_only() -> None:
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     by_message = {line["message"]: line for line in lines}
     assert by_message["received 1"] | {"time": ""} == {
-        "time": "", "level": "INFO", "logger": "test.logs.fields", "message": "received 1",
-        "correlation_id": "c1", "message_id": "m1",
+        "time": "",
+        "level": "INFO",
+        "logger": "test.logs.fields",
+        "message": "received 1",
+        "correlation_id": "c1",
+        "message_id": "m1",
     }
     done = by_message["done 2"]
     assert (done["correlation_id"], done["message_id"], done["action"], done["username"], done["server_name"]) == (
-        "c2", "m2", "launch", "user2", ""
+        "c2",
+        "m2",
+        "launch",
+        "user2",
+        "",
     )
     assert "no_such_field" not in done
     assert by_message["progress 1"]["username"] == "user1" and by_message["progress 2"]["correlation_id"] == "c2"
@@ -179,7 +187,9 @@ async def test_json_logs_of_real_commands_at_debug_parse_line_by_line_with_no_se
             launched = await client.reply(launch_id)
             read = await client.call({"action": "read", "username": username})
             removed = await client.call({"action": "remove", "username": username})
-            invalid_id = await client.send(b'{"action": "launch", "username": "x", "token": "' + USER_TOKEN.encode() + b'"')
+            invalid_id = await client.send(
+                b'{"action": "launch", "username": "x", "token": "' + USER_TOKEN.encode() + b'"'
+            )
             invalid = await client.reply(invalid_id)
             process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(process.wait(), 60) == 0
@@ -202,7 +212,9 @@ async def test_json_logs_of_real_commands_at_debug_parse_line_by_line_with_no_se
     started = [line for line in of(launch_id) if line["message"].startswith(f"launch {username}/: started")]
     assert len(started) == 1
     assert {k: started[0][k] for k in ("action", "username", "server_name")} == {
-        "action": "launch", "username": username, "server_name": ""
+        "action": "launch",
+        "username": username,
+        "server_name": "",
     }
     assert started[0]["message_id"]
     assert any(line["message"].endswith(": done") for line in of(launch_id))

@@ -56,7 +56,13 @@ def run_launcher(env: dict[str, str], cwd: Path, timeout: float = 120) -> tuple[
     """Exit code, stderr lines, seconds taken (printed, not asserted: the machine is shared)."""
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "consumer", "run"], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, "-m", "consumer", "run"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     took = time.monotonic() - started
     print(f"launcher exited {done.returncode} after {took:.2f} s:\n{done.stderr}")

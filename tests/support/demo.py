@@ -76,7 +76,9 @@ async def demo(hub: LocalHub) -> None:
     }
     # Its own session: Ctrl-C reaches the demo only, which removes the server before stopping it.
     launcher = subprocess.Popen(  # noqa: ASYNC220 (only forks: returns at once)
-        [sys.executable, "-m", "consumer", "run", "--config", str(ROOT / "config.yaml")], env=env, start_new_session=True
+        [sys.executable, "-m", "consumer", "run", "--config", str(ROOT / "config.yaml")],
+        env=env,
+        start_new_session=True,
     )
     stop, body = asyncio.Event(), asyncio.current_task()
     assert body is not None
@@ -111,7 +113,10 @@ async def demo(hub: LocalHub) -> None:
                 print(f">>> launch failed: {reply['error']}", flush=True)
                 return
             url, token = reply["result"]["url"], reply["result"]["token"]
-            async with aiohttp.ClientSession() as http, http.get(url + "api/status", headers={"Authorization": f"token {token}"}) as r:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(url + "api/status", headers={"Authorization": f"token {token}"}) as r,
+            ):
                 status = r.status
             print(
                 f"\n>>> notebook URL: {url}\n>>> token:        {token}\n"

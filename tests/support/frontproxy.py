@@ -36,8 +36,19 @@ class FrontProxy:
 
     def start(self, routed: bool = True, timeout: float = 30) -> FrontProxy:
         self.process = subprocess.Popen(
-            [find_proxy(), "--ip", "127.0.0.1", "--port", str(self.port), "--api-ip", "127.0.0.1",
-             "--api-port", str(self.api_port), "--log-level", "warn"],
+            [
+                find_proxy(),
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--api-ip",
+                "127.0.0.1",
+                "--api-port",
+                str(self.api_port),
+                "--log-level",
+                "warn",
+            ],
             env={**os.environ, "CONFIGPROXY_AUTH_TOKEN": self.token},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

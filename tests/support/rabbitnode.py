@@ -63,7 +63,13 @@ class RabbitNode:
         raise RuntimeError(f"RabbitMQ node {self.name} did not listen on {self.port} within {timeout} s")
 
     def stop(self) -> None:
-        subprocess.run([BIN / "rabbitmqctl", "-n", self.name, "stop", str(self.base / "pid")], env=self._env(), capture_output=True, timeout=120, check=False)
+        subprocess.run(
+            [BIN / "rabbitmqctl", "-n", self.name, "stop", str(self.base / "pid")],
+            env=self._env(),
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
 
     def restart(self) -> None:
         self.stop()
