@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench schemas rabbitmq redis clean
+.PHONY: setup demo test lint bench schemas rabbitmq redis clean
 
 setup: $(VENV)/.installed node_modules/.installed rabbitmq redis
 
@@ -27,8 +27,14 @@ redis:
 demo: setup
 	$(PY) -m tests.support.demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest
+
+# Lint, format check and types (configured in pyproject.toml); make test runs it first, so CI fails on a regression.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) -m benchmarks $(ARGS)

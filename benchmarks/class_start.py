@@ -105,20 +105,36 @@ def limited_hub(limit: int) -> BenchHub:
 
 
 async def class_start_round(
-    hub: BenchHub, session: aiohttp.ClientSession, system: str, root: Path, n: int, delay: float,
-    limit: int, max_concurrency: int, launch_timeout: float, idle_seconds: float,
+    hub: BenchHub,
+    session: aiohttp.ClientSession,
+    system: str,
+    root: Path,
+    n: int,
+    delay: float,
+    limit: int,
+    max_concurrency: int,
+    launch_timeout: float,
+    idle_seconds: float,
 ) -> dict[str, Any]:
     names = Names.unique(f"class-{system}")
-    prefix, users = new_users("k", n)
-    consumer = consumer_process(hub, names, max_concurrency, launch_timeout, f"class-{system}-{limit}-{delay:g}",
-                                root=root)
+    _prefix, users = new_users("k", n)
+    consumer = consumer_process(
+        hub, names, max_concurrency, launch_timeout, f"class-{system}-{limit}-{delay:g}", root=root
+    )
     await consumer.start()
-    result: dict[str, Any] = {"system": system, "root": str(root), "n": n, "delay": delay, "limit": limit,
-                              "max_concurrency": max_concurrency}
+    result: dict[str, Any] = {
+        "system": system,
+        "root": str(root),
+        "n": n,
+        "delay": delay,
+        "limit": limit,
+        "max_concurrency": max_concurrency,
+    }
     queued_events: dict[str, int] = {}
     probe = Probe(hub.api_url).start()
     try:
         async with RpcClient(names, watch_events=("launch.progress",)) as client:
+
             def on_event(_: str, event: dict[str, Any]) -> None:
                 if event.get("data", {}).get("queue_position"):
                     queued_events[event["subject"]] = queued_events.get(event["subject"], 0) + 1
@@ -176,9 +192,22 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.0f}"
 
 
-COLUMNS = ("system", "spawn limit", "delay", "N", "fail", "wall s", "probe idle p50/p95 ms",
-           "probe burst p50/p95/max ms", "429s", "hub req/launch", "hub CPU s", "rank corr", "queued",
-           "max_concurrency")
+COLUMNS = (
+    "system",
+    "spawn limit",
+    "delay",
+    "N",
+    "fail",
+    "wall s",
+    "probe idle p50/p95 ms",
+    "probe burst p50/p95/max ms",
+    "429s",
+    "hub req/launch",
+    "hub CPU s",
+    "rank corr",
+    "queued",
+    "max_concurrency",
+)
 
 
 def table(rounds: list[dict[str, Any]]) -> str:
@@ -186,14 +215,24 @@ def table(rounds: list[dict[str, Any]]) -> str:
     for r in rounds:
         idle, burst = r["probe_idle_s"], r["probe_burst_s"]
         share = "-" if r["refused_share"] is None else f"{r['refused_share']:.1%}"
-        rows.append((
-            r["system"], str(r["limit"] or "none"), f"{r['delay']:g}", str(r["n"]), str(r["failures"]),
-            f"{r['wall_s']:.1f}", f"{_ms(idle['p50'])}/{_ms(idle['p95'])}",
-            f"{_ms(burst['p50'])}/{_ms(burst['p95'])}/{_ms(burst['max'])}",
-            f"{r['refused_429']} ({share})", f"{r['hub_requests_per_launch']:.2f}", f"{r.get('hub_cpu_s', 0):.1f}",
-            "-" if r["rank_correlation"] is None else f"{r['rank_correlation']:.3f}",
-            str(r["queued_launches"]), str(r["max_concurrency"]),
-        ))
+        rows.append(
+            (
+                r["system"],
+                str(r["limit"] or "none"),
+                f"{r['delay']:g}",
+                str(r["n"]),
+                str(r["failures"]),
+                f"{r['wall_s']:.1f}",
+                f"{_ms(idle['p50'])}/{_ms(idle['p95'])}",
+                f"{_ms(burst['p50'])}/{_ms(burst['p95'])}/{_ms(burst['max'])}",
+                f"{r['refused_429']} ({share})",
+                f"{r['hub_requests_per_launch']:.2f}",
+                f"{r.get('hub_cpu_s', 0):.1f}",
+                "-" if r["rank_correlation"] is None else f"{r['rank_correlation']:.3f}",
+                str(r["queued_launches"]),
+                str(r["max_concurrency"]),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = []
     for index, row in enumerate(rows):
@@ -210,19 +249,28 @@ def targets(rounds: list[dict[str, Any]]) -> list[str]:
     for r in ours:
         p95 = r["probe_burst_s"]["p95"]
         if p95 is not None:
-            out.append(f"[{'met' if p95 <= 0.25 else 'MISS':>4}] probe p95 during the burst <= 250 ms "
-                       f"(limit {r['limit'] or 'none'}, {r['delay']:g} s): {_ms(p95)} ms")
-        base = next((b for b in rounds if b["system"] == "base" and b["limit"] == r["limit"]
-                     and b["delay"] == r["delay"]), None)
+            out.append(
+                f"[{'met' if p95 <= 0.25 else 'MISS':>4}] probe p95 during the burst <= 250 ms "
+                f"(limit {r['limit'] or 'none'}, {r['delay']:g} s): {_ms(p95)} ms"
+            )
+        base = next(
+            (b for b in rounds if b["system"] == "base" and b["limit"] == r["limit"] and b["delay"] == r["delay"]), None
+        )
         if base is not None:
             ratio = r["wall_s"] / base["wall_s"]
-            out.append(f"[{'met' if ratio <= 1.1 else 'MISS':>4}] wall within 10% of {base['system']} "
-                       f"(max_concurrency {base['max_concurrency']}; limit {r['limit'] or 'none'}, {r['delay']:g} s): "
-                       f"{r['wall_s']:.1f} vs {base['wall_s']:.1f} s ({ratio:.2f}x)")
+            out.append(
+                f"[{'met' if ratio <= 1.1 else 'MISS':>4}] wall within 10% of {base['system']} "
+                f"(max_concurrency {base['max_concurrency']}; limit {r['limit'] or 'none'}, {r['delay']:g} s): "
+                f"{r['wall_s']:.1f} vs {base['wall_s']:.1f} s ({ratio:.2f}x)"
+            )
         if r["limit"]:
             share = r["refused_share"] or 0.0
-            out.append(f"[{'met' if share <= 0.02 else 'MISS':>4}] <= 2% of starts answered 429 "
-                       f"(limit {r['limit']}, {r['delay']:g} s): {r['refused_429']} of {r['start_requests']} ({share:.1%})")
-            out.append(f"[{'met' if r['hub_requests_per_launch'] <= 5 else 'MISS':>4}] <= 5 hub requests per launch "
-                       f"(limit {r['limit']}, {r['delay']:g} s): {r['hub_requests_per_launch']:.2f}")
+            out.append(
+                f"[{'met' if share <= 0.02 else 'MISS':>4}] <= 2% of starts answered 429 "
+                f"(limit {r['limit']}, {r['delay']:g} s): {r['refused_429']} of {r['start_requests']} ({share:.1%})"
+            )
+            out.append(
+                f"[{'met' if r['hub_requests_per_launch'] <= 5 else 'MISS':>4}] <= 5 hub requests per launch "
+                f"(limit {r['limit']}, {r['delay']:g} s): {r['hub_requests_per_launch']:.2f}"
+            )
     return out

@@ -134,9 +134,7 @@ class BenchHub:
         for line in data.decode("utf-8", "replace").splitlines():
             match = REQUEST_LINE.match(line)
             if match:
-                requests.append(
-                    (match["who"], match["method"], match["uri"].split("?", 1)[0], int(match["status"]))
-                )
+                requests.append((match["who"], match["method"], match["uri"].split("?", 1)[0], int(match["status"])))
                 answered.append(_log_time(match["ts"]))
                 continue
             match = READY_LINE.match(line)
@@ -254,7 +252,7 @@ class Observer:
                             observation.seen_at = time.time()
                         return
                     first = False
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, ValueError):
             return
 
     def resolve_from_log(self, log: HubLogSlice) -> None:

@@ -31,12 +31,15 @@ def launch(api_url: str, token: str, username: str, image: str) -> dict[str, Any
                 timeout=60,
             )
             token_reply.raise_for_status()
-            start = http.post(
-                f"{api_url}/users/{username}/server", json={"image": image}, headers=headers, timeout=60
-            )
+            start = http.post(f"{api_url}/users/{username}/server", json={"image": image}, headers=headers, timeout=60)
             if start.status_code not in (201, 202):
-                return {"username": username, "started": started, "replied": time.time(), "ok": False,
-                        "error": f"start answered {start.status_code}"}
+                return {
+                    "username": username,
+                    "started": started,
+                    "replied": time.time(),
+                    "ok": False,
+                    "error": f"start answered {start.status_code}",
+                }
             for _ in range(POLL_LIMIT):
                 time.sleep(POLL_INTERVAL)
                 user = http.get(f"{api_url}/users/{username}", headers=headers, timeout=60).json()
@@ -45,5 +48,10 @@ def launch(api_url: str, token: str, username: str, image: str) -> dict[str, Any
                     return {"username": username, "started": started, "replied": time.time(), "ok": True}
             return {"username": username, "started": started, "replied": time.time(), "ok": False, "error": "timeout"}
         except requests.RequestException as error:
-            return {"username": username, "started": started, "replied": time.time(), "ok": False,
-                    "error": type(error).__name__}
+            return {
+                "username": username,
+                "started": started,
+                "replied": time.time(),
+                "ok": False,
+                "error": type(error).__name__,
+            }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -49,7 +50,7 @@ def tree_cpu_seconds(pid: int) -> float:
     """CPU of a process and its live children (the hub and its proxy)."""
     total = usage(pid).cpu_seconds
     try:
-        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         children = []
     for child in children:

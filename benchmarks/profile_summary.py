@@ -47,11 +47,19 @@ def summarise(path: Path, top: int = 25) -> str:
     lines = [f"{path.name}: {total} samples, {busy} busy ({busy / max(total, 1):.0%})", "", "own samples:"]
     lines += [f"  {n / max(busy, 1):6.1%}  {name}" for name, n in own.most_common(top)]
     lines += ["", "inclusive (consumer, schemas, aio_pika/aiormq, aiohttp, pydantic, logging):"]
-    interesting = ("consumer/", "schemas/", "aio_pika/", "aiormq/", "aiohttp/", "pydantic", "logging/", "json/", "pamqp/")
+    interesting = (
+        "consumer/",
+        "schemas/",
+        "aio_pika/",
+        "aiormq/",
+        "aiohttp/",
+        "pydantic",
+        "logging/",
+        "json/",
+        "pamqp/",
+    )
     lines += [
-        f"  {n / max(busy, 1):6.1%}  {name}"
-        for name, n in inclusive.most_common()
-        if name.startswith(interesting)
+        f"  {n / max(busy, 1):6.1%}  {name}" for name, n in inclusive.most_common() if name.startswith(interesting)
     ][:top]
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ import multiprocessing
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 
@@ -48,7 +48,7 @@ class Watch:
         self.stop = asyncio.Event()
         self.give_up = give_up
 
-    async def __aenter__(self) -> Watch:
+    async def __aenter__(self) -> Self:
         self.offset = self.ctx.hub.log_offset()
         self.hub_cpu = tree_cpu_seconds(self.ctx.hub.pid)
         self.task = asyncio.create_task(self.observer.run(self.stop, time.monotonic() + self.give_up))
@@ -98,7 +98,9 @@ async def launcher_round(ctx: Context, n: int, delay: float) -> dict[str, Any]:
             cpu_before = usage(consumer.pid).cpu_seconds
             async with Watch(ctx, prefix, ctx.launch_timeout + 60) as watch:
                 began = time.time()
-                ids = await asyncio.gather(*(client.send({"action": "launch", "username": u, "image": image(delay)}) for u in users))
+                ids = await asyncio.gather(
+                    *(client.send({"action": "launch", "username": u, "image": image(delay)}) for u in users)
+                )
                 replies = await asyncio.gather(*(client.reply(i, ctx.launch_timeout + 30) for i in ids))
             launch_usage = usage(consumer.pid)
             launches = []
@@ -155,7 +157,9 @@ async def floor_launch(ctx: Context, username: str, delay: float) -> dict[str, A
             await response.read()
 
     async def start() -> None:
-        async with ctx.session.post(f"{api}/users/{username}/server", json={"image": image(delay)}, headers=headers) as response:
+        async with ctx.session.post(
+            f"{api}/users/{username}/server", json={"image": image(delay)}, headers=headers
+        ) as response:
             await response.read()
             if response.status == 201:
                 return  # ready within the hub's wait: nothing to follow
@@ -179,7 +183,7 @@ async def floor_launch(ctx: Context, username: str, delay: float) -> dict[str, A
             await response.read()
         await asyncio.wait_for(asyncio.gather(token(), start()), ctx.launch_timeout)
         entry["ok"] = True
-    except Exception as error:  # a failed launch is a figure, not a crash of the benchmark
+    except Exception as error:  # noqa: BLE001 (a failed launch is a figure, not a crash of the benchmark)
         entry["error"] = f"{type(error).__name__}: {error}"
     entry["replied"] = time.time()
     return entry
@@ -194,8 +198,12 @@ async def floor_round(ctx: Context, n: int, delay: float) -> dict[str, Any]:
             launches = list(await asyncio.gather(*(floor_launch(ctx, u, delay) for u in users)))
         watch.annotate(launches, "floor")
         return {
-            "system": "floor", "n": n, "delay": delay, "launches": launches,
-            "wall_s": max(e["replied"] for e in launches) - began, **hub_figures(watch, "floor", n),
+            "system": "floor",
+            "n": n,
+            "delay": delay,
+            "launches": launches,
+            "wall_s": max(e["replied"] for e in launches) - began,
+            **hub_figures(watch, "floor", n),
         }
     finally:
         await ctx.hub.clean_up(ctx.session, users)
@@ -221,15 +229,20 @@ async def legacy_round(ctx: Context, n: int, delay: float, variant: str) -> dict
     try:
         async with Watch(ctx, prefix, ctx.launch_timeout + 60 + measured * (delay + 3)) as watch:
             began = time.time()
-            launches = list(await asyncio.gather(*(
-                loop.run_in_executor(pool, legacy.launch, ctx.hub.api_url, token, u, image(delay)) for u in users
-            )))
+            launches = list(
+                await asyncio.gather(
+                    *(loop.run_in_executor(pool, legacy.launch, ctx.hub.api_url, token, u, image(delay)) for u in users)
+                )
+            )
         for entry in launches:
             entry["sent"] = began  # every command is queued at once; (a) works through the queue
         watch.annotate(launches, "legacy")
         wall = max(e["replied"] for e in launches) - began
         return {
-            "system": f"legacy_{variant}", "n": n, "delay": delay, "launches": launches,
+            "system": f"legacy_{variant}",
+            "n": n,
+            "delay": delay,
+            "launches": launches,
             "measured_launches": measured,
             "wall_s": wall * n / measured,
             "wall_extrapolated": measured < n,
@@ -244,7 +257,7 @@ async def capacity_round(ctx: Context, n: int, delay: float) -> dict[str, Any]:
     """Scenario 4: N launches in flight in one consumer process at once (the spawn delay keeps them
     pending), with its peak RSS and CPU."""
     names = Names.unique("capacity")
-    prefix, users = new_users("c", n)
+    _prefix, users = new_users("c", n)
     consumer = consumer_process(ctx.hub, names, max(n, ctx.max_concurrency), ctx.launch_timeout, f"capacity-n{n}")
     await consumer.start()
     in_flight = {"now": 0, "peak": 0, "accepted": 0}
@@ -266,7 +279,9 @@ async def capacity_round(ctx: Context, n: int, delay: float) -> dict[str, Any]:
             offset = ctx.hub.log_offset()
             hub_cpu = tree_cpu_seconds(ctx.hub.pid)
             began = time.time()
-            ids = await asyncio.gather(*(client.send({"action": "launch", "username": u, "image": image(delay)}) for u in users))
+            ids = await asyncio.gather(
+                *(client.send({"action": "launch", "username": u, "image": image(delay)}) for u in users)
+            )
             waiting = asyncio.gather(*(client.reply(i, ctx.launch_timeout + 60) for i in ids))
             while not waiting.done():  # sample the consumer's memory while the launches are in flight
                 sample = usage(consumer.pid)
@@ -317,8 +332,13 @@ async def _closed_loop(seconds: float, concurrency: int, one: Any) -> dict[str, 
     began = time.monotonic()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     elapsed = time.monotonic() - began
-    return {"completed": len(latencies), "failures": failures, "seconds": elapsed,
-            "per_second": len(latencies) / elapsed, "latencies": latencies}
+    return {
+        "completed": len(latencies),
+        "failures": failures,
+        "seconds": elapsed,
+        "per_second": len(latencies) / elapsed,
+        "latencies": latencies,
+    }
 
 
 async def read_round(ctx: Context, seconds: float, concurrency: int) -> dict[str, Any]:
@@ -334,7 +354,8 @@ async def read_round(ctx: Context, seconds: float, concurrency: int) -> dict[str
         for system in ("echo", "launcher"):
             names = Names.unique(f"read-{system}")
             process = (
-                echo_process(names, ctx.max_concurrency) if system == "echo"
+                echo_process(names, ctx.max_concurrency)
+                if system == "echo"
                 else consumer_process(ctx.hub, names, ctx.max_concurrency, ctx.launch_timeout, "read")
             )
             await process.start()
@@ -355,7 +376,9 @@ async def read_round(ctx: Context, seconds: float, concurrency: int) -> dict[str
                 await delete_topology(names)
 
         async def hub_get() -> bool:
-            async with ctx.session.get(f"{ctx.hub.api_url}/users/{username}", headers=ctx.hub.headers("floor")) as response:
+            async with ctx.session.get(
+                f"{ctx.hub.api_url}/users/{username}", headers=ctx.hub.headers("floor")
+            ) as response:
                 await response.read()
                 return response.status == 200
 

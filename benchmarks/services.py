@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aio_pika
 import yaml
@@ -80,7 +80,8 @@ class ServiceProcess:
 
     async def start(self, timeout: float = 60) -> None:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
+        # Popen only forks: it returns at once, and the wait for readiness below is asynchronous.
+        self.process = subprocess.Popen(  # noqa: ASYNC220
             self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         give_up = time.monotonic() + timeout
@@ -100,9 +101,21 @@ class ServiceProcess:
         # Collapsed stacks (one line per stack with its sample count): readable and diffable.
         # --nonblocking: sampling does not pause the process, so timings stay honest.
         self.profiler = subprocess.Popen(
-            [PY_SPY, "record", "--pid", str(self.pid), "--format", "raw", "--rate", "200", "--nonblocking",
-             "--output", str(PROFILES / f"{self.profile_name}.txt")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                PY_SPY,
+                "record",
+                "--pid",
+                str(self.pid),
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--output",
+                str(PROFILES / f"{self.profile_name}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     def log_tail(self, lines: int = 30) -> str:
@@ -130,7 +143,11 @@ class ServiceProcess:
 
 
 def consumer_process(
-    hub: BenchHub, names: Names, max_concurrency: int, launch_timeout: float, profile_name: str | None = None,
+    hub: BenchHub,
+    names: Names,
+    max_concurrency: int,
+    launch_timeout: float,
+    profile_name: str | None = None,
     root: Path | None = None,
 ) -> ServiceProcess:
     """``python -m consumer run --config FILE``, exactly as deployed, against the benchmark hub;
@@ -182,7 +199,7 @@ class RpcClient:
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
         self.on_reply: Callable[[str], None] | None = None
 
-    async def __aenter__(self) -> RpcClient:
+    async def __aenter__(self) -> Self:
         self.connection = await aio_pika.connect_robust(AMQP_URL)
         self.channel = await self.connection.channel()
         self.reply_queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)

@@ -16,9 +16,7 @@ BODY = b'{"standin": true}'
 
 async def answer(request: web.Request) -> web.Response:
     # X-JupyterHub-Version spares the hub a version-mismatch warning per spawn.
-    return web.Response(
-        body=BODY, content_type="application/json", headers={"X-JupyterHub-Version": "6.1.1"}
-    )
+    return web.Response(body=BODY, content_type="application/json", headers={"X-JupyterHub-Version": "6.1.1"})
 
 
 def main(argv: list[str]) -> None:

@@ -213,8 +213,13 @@ class RequestLimit:
         elif queued < QUEUED_LOW and self._saturated:
             self.limit = min(MAX_REQUESTS, self.limit + 1)
         if self.limit != before:
-            log.debug("hub requests limit %d -> %d (answer %.0f ms, idle %.0f ms)", before, self.limit,
-                      fastest * 1000, base * 1000)
+            log.debug(
+                "hub requests limit %d -> %d (answer %.0f ms, idle %.0f ms)",
+                before,
+                self.limit,
+                fastest * 1000,
+                base * 1000,
+            )
         self._round_end = now + max(MIN_ROUND, self.rtt or fastest)
         self._round_min, self._round_count = 0.0, 0
         self._saturated = self.in_flight >= self.limit or bool(self.waiting)
@@ -472,13 +477,23 @@ class Admission:
                 log.info(
                     "admission: %d launches queued; hub requests %d in flight (limit %d), %d waiting, answer %.0f ms "
                     "(idle %.0f ms); spawns %d pending (limit %s), %d waiting",
-                    state["launches_queued"], state["requests_in_flight"], state["requests_limit"],
-                    state["requests_waiting"], (state["hub_answer_s"] or 0) * 1000, (state["hub_idle_answer_s"] or 0) * 1000,
-                    state["spawns_pending"], state["spawns_limit"] or "unknown", state["spawns_waiting"],
+                    state["launches_queued"],
+                    state["requests_in_flight"],
+                    state["requests_limit"],
+                    state["requests_waiting"],
+                    (state["hub_answer_s"] or 0) * 1000,
+                    (state["hub_idle_answer_s"] or 0) * 1000,
+                    state["spawns_pending"],
+                    state["spawns_limit"] or "unknown",
+                    state["spawns_waiting"],
                 )
             for position, ticket in enumerate(sorted(self._queued), 1):
                 queued = self._queued[ticket]
-                if queued.reported and queued.reported != position and now - queued.reported_at >= QUEUE_REPORT_INTERVAL:
+                if (
+                    queued.reported
+                    and queued.reported != position
+                    and now - queued.reported_at >= QUEUE_REPORT_INTERVAL
+                ):
                     self._report(queued, position, now)
 
     def snapshot(self) -> dict[str, float | int | None]:

@@ -24,8 +24,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from celery import Celery, Task
 from pydantic import ValidationError
@@ -36,6 +36,7 @@ from .client import REPLY_MARGIN, LauncherClient, LauncherError, ReplyTimeout
 from .config import Settings
 
 log = logging.getLogger(__name__)
+_Fallback = TypeVar("_Fallback")  # what a failed task returns instead of a result
 
 
 # A task whose launcher connection failed is tried again this often, this many seconds apart.
@@ -105,9 +106,11 @@ def launch_command(
         if spec is not None:
             body[name] = spec
     if vols is not None:
-        body["vols"] = [
-            {**vol, "subpath": vol.get("subpath") or ""} if isinstance(vol, dict) else vol for vol in vols
-        ] if isinstance(vols, (list, tuple)) else vols
+        body["vols"] = (
+            [{**vol, "subpath": vol.get("subpath") or ""} if isinstance(vol, dict) else vol for vol in vols]
+            if isinstance(vols, (list, tuple))
+            else vols
+        )
     if json is not None:
         body["json"] = json
     if env is not None:
@@ -189,7 +192,9 @@ class Bridge:
             except ReplyTimeout as error:
                 if attempt == SEND_ATTEMPTS:
                     raise CallFailed(error.code, error.message) from None
-                log.warning("%s: %s; sending it again (%d of %d)", message_id, error.message, attempt + 1, SEND_ATTEMPTS)
+                log.warning(
+                    "%s: %s; sending it again (%d of %d)", message_id, error.message, attempt + 1, SEND_ATTEMPTS
+                )
             except LauncherError as error:  # no command queue
                 raise CallFailed(error.code, error.message) from None
         if not reply.ok:
@@ -236,7 +241,12 @@ def make_app(settings: Settings, bridge: Bridge) -> Celery:
     prefix = settings.celery_task_prefix
     raising = settings.celery_raise_errors
 
-    def forward(task: Task, what: str, command: Any, fallback: Any) -> Any:
+    def forward(
+        task: Task,
+        what: str,
+        command: Callable[[], LaunchCommand | ReadCommand | RemoveCommand],
+        fallback: _Fallback,
+    ) -> dict[str, Any] | _Fallback:
         """The launcher's result for ``command`` (a callable making it), or the failure's ``fallback``."""
         started = time.monotonic()
         try:
@@ -248,7 +258,7 @@ def make_app(settings: Settings, bridge: Bridge) -> Celery:
             if raising:
                 raise LauncherTaskError(error.code, error.message) from None
             return fallback
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             # The launcher's broker is out of reach: the same task again, shortly (same message id).
             log.warning("%s (task %s): %s; retrying", what, task.request.id, type(error).__name__)
             raise task.retry(exc=error, countdown=RETRY_DELAY, max_retries=MAX_RETRIES) from None

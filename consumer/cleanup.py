@@ -18,7 +18,7 @@ import hashlib
 import logging
 import re
 import secrets
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -79,7 +79,7 @@ class CleanUp(BaseModel):
     server_name: str = Field("", pattern=SERVER_NAME_PATTERN)
     launch: str = Field(pattern=r"^[0-9a-f]{1,64}$")
     stop: bool = False  # the launch was starting the server: stop it unless it was handed out since
-    failed_at: AwareDatetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    failed_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
 async def revoke_tokens(
@@ -137,7 +137,9 @@ async def undo(hub: HubClient, job: CleanUp) -> bool:
     if later:
         log.info(
             "%s/%s was launched again since launch %s failed: not stopping it",
-            job.username, job.server_name, job.launch,
+            job.username,
+            job.server_name,
+            job.launch,
         )
         return False
     return True

@@ -27,7 +27,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import aio_pika
 from aio_pika.abc import (
@@ -209,7 +209,7 @@ class LauncherClient:
         """Connection settings from the service's config file and ``LAUNCHER_`` variables."""
         return cls.from_settings(load_settings(path), **options)
 
-    async def __aenter__(self) -> LauncherClient:
+    async def __aenter__(self) -> Self:
         await self.connect()
         return self
 
@@ -455,7 +455,7 @@ class EventStream:
             self._client._streams.add(self)
             self._subscribed = True
 
-    async def __aenter__(self) -> EventStream:
+    async def __aenter__(self) -> Self:
         await self.subscribe()
         return self
 

@@ -33,20 +33,20 @@ import contextlib
 import logging
 import re
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel, ValidationError
 
-from schemas import EVENT_CONTENT_TYPE, CloudEvent, LaunchCommand, RemoveCommand
+from schemas import LaunchCommand, RemoveCommand
 
 from .broker import Broker
 from .config import Settings
 from .cleanup import is_launch_token
 from .hub import HubClient
-from .worker import KeyedLocks
+from .worker import KeyedLocks, emit_event
 from .workflows import CommandFailed, Workflows
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,9 @@ class Entry(BaseModel):
 
 
 class Expiry:
-    def __init__(self, settings: Settings, broker: Broker, hub: HubClient, workflows: Workflows, locks: KeyedLocks) -> None:
+    def __init__(
+        self, settings: Settings, broker: Broker, hub: HubClient, workflows: Workflows, locks: KeyedLocks
+    ) -> None:
         self.settings = settings
         self.broker = broker
         self.hub = hub
@@ -148,7 +150,9 @@ class Expiry:
 
     # ---- scheduling ----------------------------------------------------------------------------
 
-    async def schedule(self, command: LaunchCommand, result: dict[str, Any], correlation_id: str | None) -> dict[str, Any]:
+    async def schedule(
+        self, command: LaunchCommand, result: dict[str, Any], correlation_id: str | None
+    ) -> dict[str, Any]:
         """Record the removal of a launch that became ready just now; the result with ``expires_at``."""
         assert command.ttl is not None
         due = time.time() + command.ttl
@@ -157,7 +161,7 @@ class Expiry:
             server, tokens = await asyncio.gather(
                 hub.get_server(command.username, command.server_name), hub.list_tokens(command.username)
             )
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             # The server runs and has no schedule: say so; the launch can be sent again (it is idempotent).
             raise CommandFailed(
                 "hub_unavailable", f"the server is running but its ttl could not be recorded: {type(error).__name__}"
@@ -214,13 +218,18 @@ class Expiry:
                 if not await self._expire(entry):
                     entry.attempts += 1
                     if entry.attempts >= MAX_ATTEMPTS:
-                        log.error("gave up removing expired server %s/%s after %d attempts", entry.username, entry.server_name, entry.attempts)
+                        log.error(
+                            "gave up removing expired server %s/%s after %d attempts",
+                            entry.username,
+                            entry.server_name,
+                            entry.attempts,
+                        )
                     else:
                         entry.not_before = time.time() + RETRY_AFTER
                         await self._route(entry)
         except asyncio.CancelledError:
             raise  # shutting down: unacked, so the broker gives it back
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             log.warning("expiry entry for %s/%s requeued: %s", entry.username, entry.server_name, type(error).__name__)
             await _settle(message.nack(requeue=True))
             await asyncio.sleep(1)  # not a hot loop while the broker or hub is in trouble
@@ -236,8 +245,10 @@ class Expiry:
                 server, tokens = await asyncio.gather(
                     hub.get_server(entry.username, entry.server_name), hub.list_tokens(entry.username)
                 )
-            except Exception as error:
-                log.warning("expiry of %s: hub unavailable (%s); trying again in %g s", label, type(error).__name__, RETRY_AFTER)
+            except Exception as error:  # noqa: BLE001
+                log.warning(
+                    "expiry of %s: hub unavailable (%s); trying again in %g s", label, type(error).__name__, RETRY_AFTER
+                )
                 return False
             reason = _superseded(entry, server, tokens)
             if reason:
@@ -258,20 +269,8 @@ class Expiry:
             return True
 
     def _emit(self, entry: Entry, event_type: str, data: dict[str, Any]) -> None:
-        happened = datetime.now(timezone.utc)
-
-        def render() -> bytes:
-            event = CloudEvent(
-                source=self.settings.event_source,
-                type=event_type,  # type: ignore[arg-type]
-                subject=f"{entry.username}/{entry.server_name}",
-                time=happened,
-                correlationid=entry.correlation_id,
-                data=data,
-            )
-            return event.model_dump_json().encode()
-
-        self.broker.publish_event(event_type, entry.correlation_id, render, EVENT_CONTENT_TYPE)
+        subject = f"{entry.username}/{entry.server_name}"
+        emit_event(self.broker, self.settings, subject, entry.correlation_id, event_type, data)
 
 
 def _superseded(entry: Entry, server: dict[str, Any] | None, tokens: list[dict[str, Any]]) -> str:
@@ -303,12 +302,12 @@ def _left(entry: Entry) -> float:
 
 
 def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def _settle(settling: Any) -> None:
     """Ack/nack; one whose channel is gone is settled by the broker (it redelivers)."""
     try:
         await settling
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001
         log.info("expiry entry not settled (%s); the broker redelivers it", type(error).__name__)

@@ -101,13 +101,16 @@ class HubClient:
             sent = time.monotonic()
             status = "error"  # no answer (connection failed or timed out)
             try:
-                async with self._admitted(kind), self.session.request(
-                    method,
-                    self.api_url + path,
-                    json=body,
-                    headers=self._headers,
-                    timeout=REQUEST_TIMEOUT,
-                ) as response:
+                async with (
+                    self._admitted(kind),
+                    self.session.request(
+                        method,
+                        self.api_url + path,
+                        json=body,
+                        headers=self._headers,
+                        timeout=REQUEST_TIMEOUT,
+                    ) as response,
+                ):
                     status = str(response.status)
                     data = await _read_json(response)
                     if _not_routed(response.status, data):
@@ -125,7 +128,7 @@ class HubClient:
                             # found pending or running when retried, which the launch handles.
                             raise HubError(response.status, message)
                         failure = f"{response.status} {message}"
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as error:
+            except (TimeoutError, aiohttp.ClientConnectionError) as error:
                 failure = f"{type(error).__name__}: {error}"
             finally:
                 metrics.HUB_REQUESTS.labels(method, route, status).inc()
@@ -166,9 +169,7 @@ class HubClient:
         await self._request("POST", _user_path(username), ok=(201, 409))
 
     async def get_user(self, username: str) -> dict[str, Any] | None:
-        status, data = await self._request(
-            "GET", _user_path(username), ok=(200, 404)
-        )
+        status, data = await self._request("GET", _user_path(username), ok=(200, 404))
         return data if status == 200 else None
 
     async def get_server(self, username: str, server_name: str = "") -> dict[str, Any] | None:
@@ -182,7 +183,11 @@ class HubClient:
     async def start_server(self, username: str, server_name: str, options: dict[str, Any]) -> int:
         """POST the start: 201 ready, 202 pending. A 500 is not retried: it may be a failed spawn."""
         status, _ = await self._request(
-            "POST", _path(username, server_name), body=options, ok=(201, 202), retry_server_errors=False,
+            "POST",
+            _path(username, server_name),
+            body=options,
+            ok=(201, 202),
+            retry_server_errors=False,
             kind=Kind.START,
         )
         return status
@@ -192,9 +197,7 @@ class HubClient:
         status, _ = await self._request("DELETE", _path(username, server_name), ok=(202, 204), kind=Kind.STOP)
         return status
 
-    async def create_token(
-        self, username: str, scopes: list[str], expires_in: int, note: str
-    ) -> tuple[str, str]:
+    async def create_token(self, username: str, scopes: list[str], expires_in: int, note: str) -> tuple[str, str]:
         """``(token, token_id)``."""
         _, data = await self._request(
             "POST",
@@ -205,9 +208,7 @@ class HubClient:
         return data["token"], data["id"]
 
     async def revoke_token(self, username: str, token_id: str) -> None:
-        await self._request(
-            "DELETE", _user_path(username) + f"/tokens/{quote(token_id)}", ok=(204, 404)
-        )
+        await self._request("DELETE", _user_path(username) + f"/tokens/{quote(token_id)}", ok=(204, 404))
 
     async def list_tokens(self, username: str) -> list[dict[str, Any]]:
         """The user's unexpired API tokens (``id``, ``note``, ``scopes``, ..., never the token

@@ -59,7 +59,10 @@ class HubCheck:
                 try:
                     version = await hub.version()
                 except HubError as error:
-                    return f"GET {self.settings.jupyterhub_api_prefix}/ answered {error} (is this JupyterHub's API?)", ""
+                    return (
+                        f"GET {self.settings.jupyterhub_api_prefix}/ answered {error} (is this JupyterHub's API?)",
+                        "",
+                    )
                 except (KeyError, TypeError):
                     return f"GET {self.settings.jupyterhub_api_prefix}/ did not answer like JupyterHub", ""
                 try:
@@ -72,7 +75,7 @@ class HubCheck:
             return f"unreachable ({error})", ""
         except TimeoutError:
             return f"no answer within {CHECK_TIMEOUT:g} s", ""
-        except Exception as error:  # anything else (a malformed answer, a refused TLS handshake): logged, checked again
+        except Exception as error:  # noqa: BLE001 (anything else, e.g. a malformed answer or a refused TLS handshake: logged, checked again)
             return f"the check failed ({type(error).__name__}: {error})", ""
         owner = f"{identity.get('kind', 'user')} {identity.get('name', '?')!r}"
         scopes = [str(scope).split("!", 1)[0] for scope in identity.get("scopes") or []]

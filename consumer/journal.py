@@ -20,10 +20,11 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
+from pamqp.common import FieldTable
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ MARKER_HEADER = "x-launcher-marker"
 WINDOW = 600.0
 # The stream keeps results longer than any replica looks, in small segments: retention drops whole
 # segments, and the default segment (500 MB) would keep everything.
-ARGUMENTS: dict[str, object] = {
+ARGUMENTS: FieldTable = {
     "x-queue-type": "stream",
     "x-max-age": "1h",
     "x-stream-max-segment-size-bytes": 8_000_000,
@@ -71,7 +72,7 @@ class Journal:
         None if there is none (or the stream could not be read in time: the command runs again)."""
         try:
             await self._catch_up(asyncio.get_running_loop().time())
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             log.warning("answer journal not read in time (%s); the command runs again", type(error).__name__)
             return None
         entry = self.answers.get(command_id)
@@ -89,8 +90,8 @@ class Journal:
                 self._record(message, marker, seen)
                 await message.ack()
 
-            start: int | datetime = self.next_offset if self.next_offset is not None else (
-                datetime.now(timezone.utc) - timedelta(seconds=WINDOW)
+            start: int | datetime = (
+                self.next_offset if self.next_offset is not None else (datetime.now(UTC) - timedelta(seconds=WINDOW))
             )
             sent = asyncio.get_running_loop().time()
             await self.channel.default_exchange.publish(

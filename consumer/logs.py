@@ -17,7 +17,7 @@ import re
 import sys
 from collections.abc import Iterable
 from contextvars import ContextVar
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -30,7 +30,7 @@ COMMAND_FIELDS = ("correlation_id", "message_id", "action", "username", "server_
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 MASK = "***"
 
-_command: ContextVar[dict[str, str]] = ContextVar("launcher_command", default={})  # replaced, never mutated
+_command: ContextVar[dict[str, str]] = ContextVar("launcher_command", default={})  # noqa: B039 (replaced, never mutated)
 # What is hidden is the ``secret`` group of each: the password of any ``scheme://user:password@host``
 # (AMQP, HTTP, Redis URLs), a token in a JSON body or in an Authorization header, whoever logs them.
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/@:]*:)(?P<secret>[^\s/@]+)(?P<tail>@)")
@@ -90,7 +90,7 @@ class Redactor(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # a bad format string: the handler would report it, with the raw arguments
+        except Exception:  # noqa: BLE001 (a bad format string: the handler would report it, with the raw arguments)
             message = f"{record.msg!r} (unformattable arguments)"
         record.msg, record.args = self.redact(message), None
         if record.exc_info and not record.exc_text:
@@ -107,7 +107,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

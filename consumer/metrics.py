@@ -43,9 +43,7 @@ HUB_REQUEST_DURATION = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 BROKER_RECONNECTS = Counter("launcher_broker_reconnects", "Times a connection to RabbitMQ was re-established.")
-EVENTS_DROPPED = Counter(
-    "launcher_events_dropped", "Lifecycle events dropped because the event backlog was full."
-)
+EVENTS_DROPPED = Counter("launcher_events_dropped", "Lifecycle events dropped because the event backlog was full.")
 
 # The hub client's paths, most specific first; each user- or server-chosen segment becomes a name.
 _ROUTES = [

@@ -25,9 +25,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def serve(
-    settings: Settings, stop: asyncio.Event | None = None, started: asyncio.Event | None = None
-) -> None:
+async def serve(settings: Settings, stop: asyncio.Event | None = None, started: asyncio.Event | None = None) -> None:
     """Consume commands until ``stop`` is set (SIGTERM and SIGINT set it); ``started`` is set once
     the queues exist and consuming has begun."""
     stop = stop or asyncio.Event()

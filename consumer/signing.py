@@ -54,7 +54,7 @@ class SignedOptions(dict[str, Any]):
         equal = self.__eq__(other)
         return equal if equal is NotImplemented else not equal
 
-    __hash__ = None  # type: ignore[assignment]  # a dict: unhashable, as before
+    __hash__ = None  # a dict: unhashable, as before
 
 
 def signed_options(

@@ -78,13 +78,52 @@ _IMAGE = re.compile(r"[^\s{}]{1,512}")
 # (LD_*, PYTHON*, PATH, BASH_ENV, ENV, ...), or reach past the GPU limit (the NVIDIA container
 # toolkit honours NVIDIA_VISIBLE_DEVICES in unprivileged containers: all GPUs of the node).
 DANGEROUS_ENV_PREFIXES = (
-    "NVIDIA_", "CUDA_", "LD_", "NB_", "CHOWN_", "PYTHON", "JUPYTER", "DOCKER_STACKS_", "SUDO_", "BASH_",
-    "KUBERNETES_", "ROCR_", "HIP_", "AMD_", "GPU_", "NCCL_", "CONDA", "MAMBA", "PERL", "RUBY", "NODE_",
-    "JAVA_", "GCONV_", "MALLOC_", "XDG_",
+    "NVIDIA_",
+    "CUDA_",
+    "LD_",
+    "NB_",
+    "CHOWN_",
+    "PYTHON",
+    "JUPYTER",
+    "DOCKER_STACKS_",
+    "SUDO_",
+    "BASH_",
+    "KUBERNETES_",
+    "ROCR_",
+    "HIP_",
+    "AMD_",
+    "GPU_",
+    "NCCL_",
+    "CONDA",
+    "MAMBA",
+    "PERL",
+    "RUBY",
+    "NODE_",
+    "JAVA_",
+    "GCONV_",
+    "MALLOC_",
+    "XDG_",
 )
 DANGEROUS_ENV_NAMES = (
-    "PATH", "GRANT_SUDO", "HOME", "USER", "SHELL", "ENV", "IFS", "PS4", "SHELLOPTS", "BASHOPTS", "GEN_CERT",
-    "RESTARTABLE", "NOTEBOOK_ARGS", "LOCPATH", "NLSPATH", "HOSTALIASES", "RES_OPTIONS", "LOCALDOMAIN", "TZDIR",
+    "PATH",
+    "GRANT_SUDO",
+    "HOME",
+    "USER",
+    "SHELL",
+    "ENV",
+    "IFS",
+    "PS4",
+    "SHELLOPTS",
+    "BASHOPTS",
+    "GEN_CERT",
+    "RESTARTABLE",
+    "NOTEBOOK_ARGS",
+    "LOCPATH",
+    "NLSPATH",
+    "HOSTALIASES",
+    "RES_OPTIONS",
+    "LOCALDOMAIN",
+    "TZDIR",
 )
 # Upper-case names, none of the above.
 DEFAULT_ALLOWED_ENV = (
@@ -131,7 +170,7 @@ class LauncherOptionsError(ValueError):
 def memory_bytes(value: Any) -> int:
     """Bytes for ``512M``, ``1G`` (powers of 1024, as JupyterHub), ``1.5Gi`` or an integer."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{value!r} is not a memory quantity: use bytes or a string like '512M'")
+        raise ValueError(f"{value!r} is not a memory quantity: use bytes or a string like '512M'")  # noqa: TRY004
     if isinstance(value, int):
         size = value
     else:
@@ -185,10 +224,12 @@ def tolerations_option(keys: list[str] | None = None, max_items: int = 10) -> La
         for index, item in enumerate(value):
             where = f"[{index}]"
             if not isinstance(item, dict):
-                raise ValueError(f"{where} must be an object")
+                raise ValueError(f"{where} must be an object")  # noqa: TRY004 (callers catch ValueError)
             unknown = sorted(set(item) - _TOLERATION_KEYS)
             if unknown:
-                raise ValueError(f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(sorted(_TOLERATION_KEYS))}")
+                raise ValueError(
+                    f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(sorted(_TOLERATION_KEYS))}"
+                )
             key, operator = item.get("key"), item.get("operator", "Equal")
             if key is None:
                 raise ValueError(f"{where}.key: a toleration without a key tolerates every taint; name the taint's key")
@@ -465,7 +506,9 @@ class LauncherSpawnerMixin(Configurable):
 
     launcher_image = Unicode("", help="The image the caller asked for ('' when none); informative locally.")
     launcher_gpu = Integer(0, help="GPUs the caller asked for; informative for spawners without GPUs.")
-    launcher_volumes = List(help="The caller's checked volumes; informative for spawners without PVCs.")
+    launcher_volumes: List[dict[str, Any]] = List(
+        help="The caller's checked volumes; informative for spawners without PVCs."
+    )
 
     @default("apply_user_options")
     def _launcher_apply_user_options_default(self) -> Callable[[Any, dict[str, Any]], None]:
@@ -497,7 +540,9 @@ class LauncherSpawnerMixin(Configurable):
             try:
                 re.compile(pattern.replace("{username}", "user").replace("{claim}", "claim"))
             except re.error as error:
-                raise TraitError(f"{proposal['trait'].name}: {pattern!r} is not a regular expression: {error}") from None
+                raise TraitError(
+                    f"{proposal['trait'].name}: {pattern!r} is not a regular expression: {error}"
+                ) from None
         return list(proposal["value"])
 
     @validate("launcher_allowed_options")
@@ -574,7 +619,7 @@ class LauncherSpawnerMixin(Configurable):
         """Apply ``user_options`` unless the apply_user_options hook already did for this spawn."""
         if self._launcher_stage != "applied":
             # JupyterHub < 5.3, or an admin's own apply_user_options: the start fails with the message.
-            self.launcher_apply(self.user_options or {})  # type: ignore[attr-defined]
+            self.launcher_apply(self.user_options or {})
 
     def start(self) -> Any:
         # Not async: KubeSpawner.start must set its start future synchronously.
@@ -647,7 +692,7 @@ class LauncherSpawnerMixin(Configurable):
 
     def _launcher_store(self, options: dict[str, Any]) -> None:
         """Keep what was applied as the server's options: the model shows them, unsigned."""
-        self.user_options = options  # type: ignore[attr-defined]
+        self.user_options = options
         orm_spawner = getattr(self, "orm_spawner", None)
         if orm_spawner is not None and getattr(orm_spawner, "user_options", None) != options:
             orm_spawner.user_options = options
@@ -796,7 +841,9 @@ class LauncherSpawnerMixin(Configurable):
         if all(cap is None for cap in caps):
             return
         user = self.user  # type: ignore[attr-defined]
-        others = [s for s in list(getattr(user, "spawners", {}).values()) if s is not self and getattr(s, "active", False)]
+        others = [
+            s for s in list(getattr(user, "spawners", {}).values()) if s is not self and getattr(s, "active", False)
+        ]
         names = ", ".join(repr(s.name) for s in others) or "none"
         if self.launcher_user_max_servers is not None and len(others) + 1 > self.launcher_user_max_servers:
             raise LauncherOptionsError(
@@ -819,10 +866,11 @@ class LauncherSpawnerMixin(Configurable):
                     f"{what}: this hub limits the {what} of each user's servers in all, so every server needs a"
                     f" {what} limit, and {which} has none"
                 )
-            mine, total = counted[0], sum(counted)
+            amounts = [used for used in counted if used is not None]  # all of them, by the check above
+            mine, total = amounts[0], sum(amounts)
             if total > cap:
 
-                def show(amount: float) -> str:
+                def show(amount: float, what: str = what, unit: str = unit) -> str:
                     return _human_bytes(int(amount)) if what == "memory" else f"{amount:g} {unit}"
 
                 raise LauncherOptionsError(
@@ -842,7 +890,10 @@ class LauncherSpawnerMixin(Configurable):
             volumes = _add(volumes, _SHM_VOLUME, {"name": _SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
             mounts = _add(mounts, _SHM_VOLUME, {"name": _SHM_VOLUME, "mountPath": _SHM_PATH})
             taken.add(_SHM_PATH)
-        names = {"{claim}": re.escape(self._launcher_own_claim()), "{username}": re.escape(self._launcher_pvc_username())}
+        names = {
+            "{claim}": re.escape(self._launcher_own_claim()),
+            "{username}": re.escape(self._launcher_pvc_username()),
+        }
         allowed = [re.sub(r"\{claim\}|\{username\}", lambda m: names[m[0]], p) for p in self.launcher_allowed_pvcs]
         checked = []
         named: set[str] = set()
@@ -899,7 +950,9 @@ class LauncherSpawnerMixin(Configurable):
                 if name in _RESERVED_ENV_NAMES:
                     raise LauncherOptionsError(f"env.{name}: is set by the spawner and cannot be overridden")
                 if name in environment:
-                    raise LauncherOptionsError(f"env.{name}: is set by the hub's configuration and cannot be overridden")
+                    raise LauncherOptionsError(
+                        f"env.{name}: is set by the hub's configuration and cannot be overridden"
+                    )
                 if not any(re.fullmatch(pattern, name) for pattern in self.launcher_allowed_env):
                     raise LauncherOptionsError(f"env.{name}: is not a variable this hub lets callers set")
                 if not isinstance(value, str) or "\0" in value:
@@ -946,22 +999,39 @@ class LauncherSpawnerMixin(Configurable):
         nodes' keys only for starts with GPUs."""
         if trait == "tolerations":
             items = _values(value)
-            keys = [(f"json.{key}[{i}].key", item.get("key") if isinstance(item, dict) else None) for i, item in enumerate(items)]
-            allowed, what, verb, setting = self.launcher_allowed_toleration_keys, "taint", "tolerate", "launcher_allowed_toleration_keys"
+            keys = [
+                (f"json.{key}[{i}].key", item.get("key") if isinstance(item, dict) else None)
+                for i, item in enumerate(items)
+            ]
+            allowed, what, verb, setting = (
+                self.launcher_allowed_toleration_keys,
+                "taint",
+                "tolerate",
+                "launcher_allowed_toleration_keys",
+            )
         elif trait == "node_selector":
             keys = [(f"json.{key}.{name}", name) for name in (value or {})]
             allowed, what, verb, setting = (
-                self.launcher_allowed_node_selector_keys, "node label", "select", "launcher_allowed_node_selector_keys"
+                self.launcher_allowed_node_selector_keys,
+                "node label",
+                "select",
+                "launcher_allowed_node_selector_keys",
             )
         else:
             return
         for where, name in keys:
             if not isinstance(name, str) or not name:
-                raise LauncherOptionsError(f"{where}: a toleration without a key tolerates every taint; name the taint's key")
+                raise LauncherOptionsError(
+                    f"{where}: a toleration without a key tolerates every taint; name the taint's key"
+                )
             if not any(re.fullmatch(pattern, name) for pattern in allowed):
-                raise LauncherOptionsError(f"{where}: {name!r} is not a {what} this hub lets callers {verb} ({setting})")
+                raise LauncherOptionsError(
+                    f"{where}: {name!r} is not a {what} this hub lets callers {verb} ({setting})"
+                )
             if not gpus and any(re.fullmatch(pattern, name) for pattern in self.launcher_gpu_node_keys):
-                raise LauncherOptionsError(f"{where}: {name!r} is for GPU nodes; only a start that asks for GPUs may {verb} it")
+                raise LauncherOptionsError(
+                    f"{where}: {name!r} is for GPU nodes; only a start that asks for GPUs may {verb} it"
+                )
 
 
 def _usage(spawner: Any, what: str, plan: Mapping[str, Any]) -> float | None:
@@ -1021,7 +1091,9 @@ def _kube_launcher_spawner() -> type:
             profiles = self.profile_list
             if callable(profiles):
                 if slug is not None:
-                    raise LauncherOptionsError("profile: this hub's profiles come from a function; choose them in the hub's form")
+                    raise LauncherOptionsError(
+                        "profile: this hub's profiles come from a function; choose them in the hub's form"
+                    )
                 return set()
             profile_list = self._get_initialized_profile_list(self._sorted_dict_values(profiles))
             if not profile_list:
@@ -1093,5 +1165,5 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    class KubeLauncherSpawner(LauncherSpawnerMixin, KubeSpawner):  # noqa: D101
-        ...
+
+    class KubeLauncherSpawner(LauncherSpawnerMixin, KubeSpawner): ...

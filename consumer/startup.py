@@ -59,7 +59,7 @@ async def connect_broker(settings: Settings) -> Broker:
         except QueueMismatch:  # its own message says what differs and how to migrate
             await _close(broker)
             raise
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             await _close(broker)
             problem, permanent = describe(error, settings)
             if permanent:

@@ -97,13 +97,21 @@ def variable(text: str) -> tuple[str, str]:
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``launch``, ``read``, ``remove`` and ``watch`` to the CLI's subcommands."""
     connection = argparse.ArgumentParser(add_help=False)
-    connection.add_argument("--config", default=None, help="the service's YAML config file (default: ./config.yaml if present)")
-    connection.add_argument("--amqp-url", default=None, help="RabbitMQ URL (default: amqp_url from the config / LAUNCHER_AMQP_URL)")
+    connection.add_argument(
+        "--config", default=None, help="the service's YAML config file (default: ./config.yaml if present)"
+    )
+    connection.add_argument(
+        "--amqp-url", default=None, help="RabbitMQ URL (default: amqp_url from the config / LAUNCHER_AMQP_URL)"
+    )
     connection.add_argument("--json", action="store_true", help="print the whole reply (watch: each event) as JSON")
     target = argparse.ArgumentParser(add_help=False)
     target.add_argument("-u", "--user", required=True, help="the JupyterHub user name")
-    target.add_argument("--server", default="", metavar="NAME", help="a named server (default: the user's default server)")
-    target.add_argument("--timeout", type=duration, default=None, help="seconds (or 5m, ...) to wait; launch: the launch's own timeout")
+    target.add_argument(
+        "--server", default="", metavar="NAME", help="a named server (default: the user's default server)"
+    )
+    target.add_argument(
+        "--timeout", type=duration, default=None, help="seconds (or 5m, ...) to wait; launch: the launch's own timeout"
+    )
 
     launch = commands.add_parser(
         "launch", parents=[connection, target], help="start a server and print its URL and token",
@@ -111,17 +119,27 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     )  # fmt: skip
     launch.add_argument("-i", "--image", required=True)
     launch.add_argument("--cpu", type=request_limit, metavar="REQ[:LIMIT]", help="cores, e.g. 1 or 1:2 or :2")
-    launch.add_argument("--memory", type=request_limit, metavar="REQ[:LIMIT]", help="e.g. 2G or 2G:4G (G = 1024^3 bytes)")
+    launch.add_argument(
+        "--memory", type=request_limit, metavar="REQ[:LIMIT]", help="e.g. 2G or 2G:4G (G = 1024^3 bytes)"
+    )
     launch.add_argument("--gpu", type=request_limit, metavar="N", help="whole GPUs")
-    launch.add_argument("--vol", type=volume, action="append", metavar="CLAIM:/PATH[:SUB]", help="mount a PVC (repeatable)")
-    launch.add_argument("--env", type=variable, action="append", metavar="NAME=VALUE", help="environment variable (repeatable)")
+    launch.add_argument(
+        "--vol", type=volume, action="append", metavar="CLAIM:/PATH[:SUB]", help="mount a PVC (repeatable)"
+    )
+    launch.add_argument(
+        "--env", type=variable, action="append", metavar="NAME=VALUE", help="environment variable (repeatable)"
+    )
     launch.add_argument("--ttl", type=duration, help="remove the server this long after it is ready (90s, 15m, 2h, 1d)")
     commands.add_parser("read", parents=[connection, target], help="print a server's JupyterHub model")
     commands.add_parser("remove", parents=[connection, target], help="stop a server")
-    watch = commands.add_parser("watch", parents=[connection], help="print lifecycle events as they happen, one line each")
+    watch = commands.add_parser(
+        "watch", parents=[connection], help="print lifecycle events as they happen, one line each"
+    )
     watch.add_argument("-u", "--user", default=None, help="only this user's events")
     watch.add_argument("--server", default=None, metavar="NAME", help="only this server's events ('' = default server)")
-    watch.add_argument("--type", action="append", metavar="PATTERN", help="event types, AMQP topic patterns: 'launch.*' (repeatable)")
+    watch.add_argument(
+        "--type", action="append", metavar="PATTERN", help="event types, AMQP topic patterns: 'launch.*' (repeatable)"
+    )
     watch.add_argument("--count", type=int, default=None, help="stop after this many events")
 
 
@@ -163,7 +181,12 @@ def _command(args: argparse.Namespace) -> LaunchCommand | ReadCommand | RemoveCo
             "image": args.image, "cpu": args.cpu, "memory": args.memory, "gpu": gpu, "vols": args.vol,
             "env": dict(args.env) if args.env else None, "ttl": args.ttl, "timeout": args.timeout,
         }  # fmt: skip
-    model = {"launch": LaunchCommand, "read": ReadCommand, "remove": RemoveCommand}[args.command]
+    models: dict[str, type[LaunchCommand | ReadCommand | RemoveCommand]] = {
+        "launch": LaunchCommand,
+        "read": ReadCommand,
+        "remove": RemoveCommand,
+    }
+    model = models[args.command]
     try:
         return model.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as error:
@@ -175,13 +198,15 @@ def _command(args: argparse.Namespace) -> LaunchCommand | ReadCommand | RemoveCo
         ) from None
 
 
-async def _main(args: argparse.Namespace, command: LaunchCommand | ReadCommand | RemoveCommand | None, settings: Settings) -> int:
+async def _main(
+    args: argparse.Namespace, command: LaunchCommand | ReadCommand | RemoveCommand | None, settings: Settings
+) -> int:
     if args.amqp_url:
         settings = settings.model_copy(update={"amqp_url": args.amqp_url})
     client = LauncherClient.from_settings(settings, connection_name=f"jupyterhub-launcher {args.command}")
     try:
         await client.connect()
-    except Exception as error:  # OSError, aiormq's AMQPConnectionError, a malformed URL
+    except Exception as error:  # noqa: BLE001 (OSError, aiormq's AMQPConnectionError, a malformed URL)
         print(f"error: cannot connect to RabbitMQ: {type(error).__name__}", file=sys.stderr)
         await client.close()
         return EXIT_CODES["broker_unreachable"]
@@ -193,7 +218,9 @@ async def _main(args: argparse.Namespace, command: LaunchCommand | ReadCommand |
         await client.close()
 
 
-async def _run(client: LauncherClient, args: argparse.Namespace, command: LaunchCommand | ReadCommand | RemoveCommand) -> int:
+async def _run(
+    client: LauncherClient, args: argparse.Namespace, command: LaunchCommand | ReadCommand | RemoveCommand
+) -> int:
     from .client import LauncherError
 
     label = f"{command.username}/{command.server_name}"
@@ -205,7 +232,6 @@ async def _run(client: LauncherClient, args: argparse.Namespace, command: Launch
         else:
             reply = await client.call(command, timeout=timeout)
     except LauncherError as error:  # no reply: timeout, not delivered
-        reply = None
         answer: dict[str, Any] = {
             "ok": False, "action": command.action, "username": command.username, "server_name": command.server_name,
             "result": None, "error": {"code": error.code, "message": error.message, "details": None},

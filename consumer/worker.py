@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -132,7 +132,9 @@ class Worker:
                     return
             # A read changes nothing: it need not wait for (or hold up) a launch or remove.
             ordered = not isinstance(command, ReadCommand)
-            async with self.locks.hold((command.username, command.server_name)) if ordered else contextlib.nullcontext():
+            async with (
+                self.locks.hold((command.username, command.server_name)) if ordered else contextlib.nullcontext()
+            ):
                 reply, dead_letter, follow_up = await self._execute(command, message, key)
             await self._finish(run, key, reply, dead_letter, follow_up)
         except asyncio.CancelledError:
@@ -162,16 +164,27 @@ class Worker:
                 async with self.locks.hold((job.username, job.server_name)):
                     done = await self.workflows.clean_up(job)
             except Exception:
-                log.exception("clean-up of launch %s of %s/%s failed unexpectedly; dead-lettered", job.launch, job.username, job.server_name)
+                log.exception(
+                    "clean-up of launch %s of %s/%s failed unexpectedly; dead-lettered",
+                    job.launch,
+                    job.username,
+                    job.server_name,
+                )
                 await _settle(run, dead_letter=True)
                 return
-            age = (datetime.now(timezone.utc) - job.failed_at).total_seconds()
+            age = (datetime.now(UTC) - job.failed_at).total_seconds()
             if not done and age > FOLLOW_UP_LIFETIME:
-                log.error("clean-up of launch %s of %s/%s given up after %.0f s", job.launch, job.username, job.server_name, age)
+                log.error(
+                    "clean-up of launch %s of %s/%s given up after %.0f s",
+                    job.launch,
+                    job.username,
+                    job.server_name,
+                    age,
+                )
             elif not done:
                 try:
                     await self.broker.publish_command(message.body, FOLLOW_UP_TYPE)
-                except Exception as error:
+                except Exception as error:  # noqa: BLE001
                     log.warning("could not re-queue clean-up %s (%s); redelivered", job.launch, type(error).__name__)
                     await _settle(run, requeue=True)
                     return
@@ -189,7 +202,9 @@ class Worker:
                 error=ErrorInfo(code="internal_error", message="the launcher failed on this command; see its log"),
                 **_loose_target(message.body),
             )
-            answered = await self._answer(run, _identity(message), run.deliveries[run.settled :], reply.routing_key, reply.body())
+            answered = await self._answer(
+                run, _identity(message), run.deliveries[run.settled :], reply.routing_key, reply.body()
+            )
         except Exception:
             log.exception("command %s: no error reply could be made", message.message_id)
             answered = False
@@ -201,7 +216,9 @@ class Worker:
         self, command: LaunchCommand | RemoveCommand | ReadCommand, message: AbstractIncomingMessage, key: str
     ) -> tuple[Reply, bool, CleanUp | None]:
         target = {"action": command.action, "username": command.username, "server_name": command.server_name}
-        log.info("%s %s/%s: started (command %s)", command.action, command.username, command.server_name, message.message_id)
+        log.info(
+            "%s %s/%s: started (command %s)", command.action, command.username, command.server_name, message.message_id
+        )
 
         def emit(event_type: str, data: dict[str, Any]) -> None:
             self._emit(command, message.correlation_id, event_type, data)
@@ -214,7 +231,7 @@ class Worker:
                 result = await self.expiry.schedule(command, result, message.correlation_id)
         except CommandFailed as error:
             log.info("%s %s/%s: %s", command.action, command.username, command.server_name, error)
-            info = ErrorInfo(code=error.code, message=error.message, details=error.details)  # type: ignore[arg-type]
+            info = ErrorInfo(code=error.code, message=error.message, details=error.details)
             return Reply(ok=False, error=info, **target), False, error.follow_up
         except Exception:
             # A bug, not the caller's fault: answer, and keep the command for inspection.
@@ -294,7 +311,7 @@ class Worker:
         try:
             # All confirmed before the ack, but waited for together: one broker round trip, not two.
             await asyncio.gather(*publishes)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             log.error("could not publish the reply to %s: %s", deliveries[0].message_id, type(error).__name__)
             return False
         return True
@@ -306,20 +323,8 @@ class Worker:
         event_type: str,
         data: dict[str, Any],
     ) -> None:
-        happened = datetime.now(timezone.utc)
-
-        def render() -> bytes:
-            event = CloudEvent(
-                source=self.settings.event_source,
-                type=event_type,  # type: ignore[arg-type]
-                subject=f"{command.username}/{command.server_name}",
-                time=happened,
-                correlationid=correlation_id,
-                data=data,
-            )
-            return event.model_dump_json().encode()
-
-        self.broker.publish_event(event_type, correlation_id, render, EVENT_CONTENT_TYPE)
+        subject = f"{command.username}/{command.server_name}"
+        emit_event(self.broker, self.settings, subject, correlation_id, event_type, data)
 
     async def drain(self, grace: float) -> None:
         """Let running commands finish for ``grace`` seconds, then interrupt (and requeue) the rest."""
@@ -330,6 +335,26 @@ class Worker:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+
+
+def emit_event(
+    broker: Broker, settings: Settings, subject: str, correlation_id: str | None, event_type: str, data: dict[str, Any]
+) -> None:
+    """Queue a CloudEvents lifecycle event about ``subject`` (user/server), timed now, rendered when published."""
+    happened = datetime.now(UTC)
+
+    def render() -> bytes:
+        event = CloudEvent(
+            source=settings.event_source,
+            type=event_type,
+            subject=subject,
+            time=happened,
+            correlationid=correlation_id,
+            data=data,
+        )
+        return event.model_dump_json().encode()
+
+    broker.publish_event(event_type, correlation_id, render, EVENT_CONTENT_TYPE)
 
 
 async def _settle(run: _Run, count: int | None = None, dead_letter: bool = False, requeue: bool = False) -> None:
@@ -346,8 +371,10 @@ async def _settle(run: _Run, count: int | None = None, dead_letter: bool = False
                 await delivery.reject(requeue=False)
             else:
                 await delivery.ack()
-        except Exception as error:
-            log.info("delivery %s not settled (%s); the broker redelivers it", delivery.delivery_tag, type(error).__name__)
+        except Exception as error:  # noqa: BLE001
+            log.info(
+                "delivery %s not settled (%s); the broker redelivers it", delivery.delivery_tag, type(error).__name__
+            )
 
 
 def _identity(message: AbstractIncomingMessage) -> str:

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
 
@@ -130,9 +130,7 @@ class Workflows:
         emit("launch.accepted", {"image": command.image})
         timeout = command.timeout or self.settings.launch_timeout
         deadline = self._deadline(timeout)
-        launch = _Launch(
-            self.hub.until(deadline), command, self.settings, emit, new_launch_id(command_id), redelivered
-        )
+        launch = _Launch(self.hub.until(deadline), command, self.settings, emit, new_launch_id(command_id), redelivered)
         try:
             with _hub_errors():
                 async with asyncio.timeout_at(deadline):
@@ -172,13 +170,23 @@ class Workflows:
                 if await undo(hub, job):
                     await _stop(hub, job.username, job.server_name, self.settings)
         except (TimeoutError, HubUnavailable, aiohttp.ClientError) as error:
-            log.warning("clean-up of failed launch %s of %s/%s: hub unavailable (%s)",
-                        job.launch, job.username, job.server_name, type(error).__name__)
+            log.warning(
+                "clean-up of failed launch %s of %s/%s: hub unavailable (%s)",
+                job.launch,
+                job.username,
+                job.server_name,
+                type(error).__name__,
+            )
             return False
         except HubError as error:
             # The hub refuses (not a passing outage): retrying would not change its mind.
-            log.error("clean-up of failed launch %s of %s/%s refused by the hub: %s",
-                      job.launch, job.username, job.server_name, error)
+            log.error(
+                "clean-up of failed launch %s of %s/%s refused by the hub: %s",
+                job.launch,
+                job.username,
+                job.server_name,
+                error,
+            )
             return True
         log.info("cleaned up failed launch %s of %s/%s", job.launch, job.username, job.server_name)
         return True
@@ -213,7 +221,9 @@ class _Launch:
         # While the hub is at its spawn limit, wait here: no start, token or progress requests yet.
         await spawn_slot(self.hub.admission)
         # Signed after the wait for a spawn slot: the signature's time is checked for freshness.
-        options = signed_options(self.settings.spawner_signing_key.get_secret_value(), username, server_name, self.command.user_options())
+        options = signed_options(
+            self.settings.spawner_signing_key.get_secret_value(), username, server_name, self.command.user_options()
+        )
         start = asyncio.create_task(self._start(options))
         start.add_done_callback(_retrieve)  # a failure found first elsewhere leaves its error unread
         # The hub serves one request at a time: the token request, sent right behind the start,
@@ -367,7 +377,7 @@ class _Launch:
                     await start  # raises if the start itself was refused
                 else:
                     log.warning("progress stream unusable (%s); polling", error.status)
-            except (aiohttp.ClientError, asyncio.TimeoutError, HubUnavailable) as error:
+            except (TimeoutError, aiohttp.ClientError, HubUnavailable) as error:
                 # HubUnavailable: a proxy with no route to the hub (it restarts); polling retries.
                 log.warning("progress stream broke (%s); polling", type(error).__name__)
             break
@@ -514,7 +524,7 @@ def _hub_errors() -> Any:
         raise CommandFailed("hub_error", f"JupyterHub answered {error.status}: {error.message}") from None
 
 
-def _is_running(server: dict[str, Any] | None) -> bool:
+def _is_running(server: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
     """Ready and not in the middle of a start or stop, by the hub's server model."""
     return bool(server and server.get("ready") and not server.get("pending"))
 

@@ -21,8 +21,8 @@ from .replies import ErrorCode, ErrorInfo, LaunchResult, RemoveResult, Reply, Se
 
 __all__ = [
     "ACTIONS",
-    "MAX_COMMAND_BYTES",
     "EVENT_CONTENT_TYPE",
+    "MAX_COMMAND_BYTES",
     "CloudEvent",
     "Command",
     "CpuSpec",

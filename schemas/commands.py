@@ -11,7 +11,7 @@ import json
 import math
 import posixpath
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -86,7 +86,8 @@ class MemorySpec(_Strict):
             if value.is_integer():
                 value = int(value)  # 1e9 in JSON is a float
         if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise ValueError("must be a whole number of bytes or a string like '512M'")
+            # ValueError, not TypeError: pydantic turns only ValueError into a validation error.
+            raise ValueError("must be a whole number of bytes or a string like '512M'")  # noqa: TRY004
         parse_memory(value)
         return value
 
@@ -259,9 +260,7 @@ def _shape(value: Any) -> tuple[int, bool]:
     return deepest, finite
 
 
-Command = Annotated[
-    Union[LaunchCommand, RemoveCommand, ReadCommand], Field(discriminator="action")
-]
+Command = Annotated[LaunchCommand | RemoveCommand | ReadCommand, Field(discriminator="action")]
 ACTIONS = ("launch", "remove", "read")
 command_adapter: TypeAdapter[LaunchCommand | RemoveCommand | ReadCommand] = TypeAdapter(Command)
 
@@ -274,7 +273,8 @@ def parse_command(body: bytes | str) -> LaunchCommand | RemoveCommand | ReadComm
     """
     if len(body) > MAX_COMMAND_BYTES:
         too_large = PydanticCustomError(
-            "command_too_large", "{size} bytes, more than the {limit} a command may have",
+            "command_too_large",
+            "{size} bytes, more than the {limit} a command may have",
             {"size": len(body), "limit": MAX_COMMAND_BYTES},
         )
         details: InitErrorDetails = {"type": too_large, "loc": (), "input": None}

@@ -7,7 +7,7 @@ has no official AMQP 0-9-1 binding for headers. No event ever carries a token.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,7 +34,7 @@ class CloudEvent(BaseModel):
     source: str
     type: EventType
     subject: str  # "<username>/<server_name>"
-    time: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    time: datetime = Field(default_factory=lambda: datetime.now(UTC))
     datacontenttype: Literal["application/json"] = "application/json"
     correlationid: str | None = None  # the command's AMQP correlation_id
     data: dict[str, Any] = Field(default_factory=dict)

@@ -17,7 +17,18 @@ from .events import CloudEvent, FailedData, ProgressData, ReadyData
 from .replies import LaunchResult, RemoveResult, Reply
 
 HERE = Path(__file__).parent
-MODELS = (LaunchCommand, RemoveCommand, ReadCommand, Reply, LaunchResult, RemoveResult, CloudEvent, ProgressData, ReadyData, FailedData)
+MODELS = (
+    LaunchCommand,
+    RemoveCommand,
+    ReadCommand,
+    Reply,
+    LaunchResult,
+    RemoveResult,
+    CloudEvent,
+    ProgressData,
+    ReadyData,
+    FailedData,
+)
 
 
 def json_schema() -> dict[str, Any]:
@@ -59,12 +70,22 @@ def asyncapi(schemas: dict[str, Any]) -> dict[str, Any]:
             "launcher.replies": {
                 "description": "Result events (topic exchange; routing key <action>.ok or <action>.error). "
                 "The same body is the RPC reply sent to reply_to.",
-                "bindings": {"amqp": {"is": "routingKey", "exchange": {"name": "launcher.replies", "type": "topic", "durable": True}}},
+                "bindings": {
+                    "amqp": {
+                        "is": "routingKey",
+                        "exchange": {"name": "launcher.replies", "type": "topic", "durable": True},
+                    }
+                },
                 "subscribe": {"message": message("reply", "Reply")},
             },
             "launcher.events": {
                 "description": "Lifecycle events, CloudEvents 1.0 structured mode (topic exchange; routing key = type).",
-                "bindings": {"amqp": {"is": "routingKey", "exchange": {"name": "launcher.events", "type": "topic", "durable": True}}},
+                "bindings": {
+                    "amqp": {
+                        "is": "routingKey",
+                        "exchange": {"name": "launcher.events", "type": "topic", "durable": True},
+                    }
+                },
                 "subscribe": {"message": message("event", "CloudEvent", "application/cloudevents+json")},
             },
         },

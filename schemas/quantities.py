@@ -27,10 +27,11 @@ MAX_MEMORY = 64 * 1024**4
 _QUANTITY = re.compile(r"^(?P<number>[0-9]+(?:\.[0-9]+)?)(?P<unit>Ki|Mi|Gi|Ti|K|M|G|T)?$")
 
 
-def parse_memory(value: str | int | float) -> int:
+def parse_memory(value: str | float) -> int:
     """Bytes for a memory quantity such as ``512M``, ``1G``, ``1.5Gi`` or ``1073741824``."""
     if isinstance(value, bool):
-        raise ValueError("a memory quantity must be a number of bytes or a string like '512M'")
+        # ValueError: callers (pydantic validators) report only ValueError as the field's error.
+        raise ValueError("a memory quantity must be a number of bytes or a string like '512M'")  # noqa: TRY004
     if isinstance(value, (int, float)):
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("a memory quantity must be a finite number")
@@ -52,6 +53,6 @@ def parse_memory(value: str | int | float) -> int:
     return size
 
 
-def _clip(value: str | int | float, limit: int = 40) -> str:
+def _clip(value: str | float, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -8,7 +8,7 @@ import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Self
 
 import aio_pika
 import pytest
@@ -101,7 +101,7 @@ class Client:
         self.events: list[dict[str, Any]] = []
         self.event_messages: list[aio_pika.abc.AbstractIncomingMessage] = []
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Self:
         self.connection = await aio_pika.connect_robust(self.settings.amqp_url.get_secret_value())
         self.channel = await self.connection.channel(on_return_raises=True)
         if self.durable_replies:
@@ -135,7 +135,9 @@ class Client:
             future.set_result(json.loads(message.body))
 
     async def _on_result(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        self.results.append((message.routing_key or "", json.loads(message.body) | {"_correlation_id": message.correlation_id}))
+        self.results.append(
+            (message.routing_key or "", json.loads(message.body) | {"_correlation_id": message.correlation_id})
+        )
 
     async def _on_event(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         self.event_messages.append(message)

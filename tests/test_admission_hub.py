@@ -102,9 +102,16 @@ async def test_a_read_during_a_burst_is_answered_before_the_queued_launches(limi
             # Wait until launches are held back by the hub's spawn limit.
             async with asyncio.timeout(60):
                 while True:
-                    queued = [i for i in ids if i not in replied and queue_positions(client, i)
-                              and not any(e["type"] == "launch.progress" and "queue_position" not in e["data"]
-                                          for e in client.events_for(i))]
+                    queued = [
+                        i
+                        for i in ids
+                        if i not in replied
+                        and queue_positions(client, i)
+                        and not any(
+                            e["type"] == "launch.progress" and "queue_position" not in e["data"]
+                            for e in client.events_for(i)
+                        )
+                    ]
                     if len(queued) >= SPAWN_LIMIT:
                         break
                     await asyncio.sleep(0.05)
@@ -117,4 +124,7 @@ async def test_a_read_during_a_burst_is_answered_before_the_queued_launches(limi
     assert read["ok"] and read["result"]["ready"], read
     assert all(r["ok"] for r in launches), [r["error"] for r in launches if not r["ok"]]
     # Every launch still queued when the read was sent was answered after it.
-    assert all(replied[i] > read_answered for i in queued), (read_answered - asked, [replied[i] - asked for i in queued])
+    assert all(replied[i] > read_answered for i in queued), (
+        read_answered - asked,
+        [replied[i] - asked for i in queued],
+    )

@@ -18,13 +18,43 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(600)
 def test_a_tiny_benchmark_prints_the_table_and_writes_every_figure(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--n", "2", "--delays", "0,1", "--capacity", "3",
-         "--capacity-delay", "1", "--read-seconds", "1", "--legacy-a-max", "2", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=540,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--n",
+            "2",
+            "--delays",
+            "0,1",
+            "--capacity",
+            "3",
+            "--capacity-delay",
+            "1",
+            "--read-seconds",
+            "1",
+            "--legacy-a-max",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
 
-    for row in ("launcher", "floor", "legacy_a", "legacy_b", "capacity", "read:echo", "read:launcher", "read:hub_direct"):
+    for row in (
+        "launcher",
+        "floor",
+        "legacy_a",
+        "legacy_b",
+        "capacity",
+        "read:echo",
+        "read:launcher",
+        "read:hub_direct",
+    ):
         assert f"\n{row} " in run.stdout, run.stdout
     (written,) = tmp_path.glob("bench-*.json")
     results = json.loads(written.read_text())
@@ -45,23 +75,46 @@ def test_a_tiny_benchmark_prints_the_table_and_writes_every_figure(tmp_path: Pat
     for system in ("echo", "launcher", "hub_direct"):
         assert results["figures"]["read"][system]["completed"] > 0
     assert {t["target"].split(" (")[0] for t in results["targets"]} >= {
-        "overhead over hub-ready p95 <= 50 ms", "read throughput >= 70% of a bare echo consumer"
+        "overhead over hub-ready p95 <= 50 ms",
+        "read throughput >= 70% of a bare echo consumer",
     }
 
 
 @pytest.mark.timeout(600)
 def test_a_tiny_class_start_prints_its_table_with_this_checkout_and_a_baseline(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--only", "class_start", "--class-n", "4", "--class-cases", "0:0,2:1",
-         "--class-idle", "0.5", "--class-base", str(ROOT), "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=540,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--only",
+            "class_start",
+            "--class-n",
+            "4",
+            "--class-cases",
+            "0:0,2:1",
+            "--class-idle",
+            "0.5",
+            "--class-base",
+            str(ROOT),
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "class start (scenario 6)" in run.stdout, run.stdout
     (written,) = tmp_path.glob("bench-*.json")
     rounds = json.loads(written.read_text())["raw"]["class_start"]
     assert [(r["system"], r["limit"], r["delay"]) for r in rounds] == [
-        ("launcher", 0, 0.0), ("base", 0, 0.0), ("launcher", 2, 1.0), ("base", 2, 1.0)
+        ("launcher", 0, 0.0),
+        ("base", 0, 0.0),
+        ("launcher", 2, 1.0),
+        ("base", 2, 1.0),
     ]
     for r in rounds:
         assert r["failures"] == 0 and r["ready_timed"] == 4, r

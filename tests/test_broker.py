@@ -93,4 +93,6 @@ def test_events_past_the_backlog_bound_are_dropped_with_a_warning(
             broker.publish_event(*event(n))
     assert broker.event_backlog.qsize() == 2
     assert broker.events_dropped == 3
-    assert [r.getMessage() for r in caplog.records] == ["event backlog full (broker unreachable?): 1 events dropped so far"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "event backlog full (broker unreachable?): 1 events dropped so far"
+    ]

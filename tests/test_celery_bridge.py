@@ -45,8 +45,14 @@ TASK_KEYS = {"image", "server_name", "token", "url", "username", "cpu", "memory"
 
 def test_the_older_workers_none_values_mean_not_set() -> None:
     command = launch_command(
-        "img", "alice", None, [{"pvc": "claim-alice", "mount": "/w", "subpath": None}],
-        {"request": None, "limit": 2}, {"request": None, "limit": None}, None, {"transparent": True},
+        "img",
+        "alice",
+        None,
+        [{"pvc": "claim-alice", "mount": "/w", "subpath": None}],
+        {"request": None, "limit": 2},
+        {"request": None, "limit": None},
+        None,
+        {"transparent": True},
     )
     assert command.user_options() == {
         "image": "img",
@@ -80,7 +86,9 @@ def test_the_bridges_keys_default_to_the_older_workers_set_up_and_read_the_envir
     assert defaults.celery_broker == defaults.amqp_url.get_secret_value()
     assert defaults.celery_result_backend.get_secret_value() == "rpc://"
     assert (defaults.celery_queue, defaults.celery_task_prefix, defaults.celery_raise_errors) == (
-        "celery", "launcher-worker", False
+        "celery",
+        "launcher-worker",
+        False,
     )
     overridden = load_settings(
         empty,
@@ -290,9 +298,7 @@ def redis_brokers() -> Iterator[Brokers]:
 
 
 @pytest.fixture
-def start_bridge(
-    tmp_path: Path, settings: Settings, hub: LocalHub
-) -> Iterator[Callable[..., BridgeProcess]]:
+def start_bridge(tmp_path: Path, settings: Settings, hub: LocalHub) -> Iterator[Callable[..., BridgeProcess]]:
     started: list[BridgeProcess] = []
 
     def start(brokers: Brokers, **keys: Any) -> BridgeProcess:
@@ -330,14 +336,24 @@ async def test_launch_read_and_remove_with_positional_and_keyword_arguments(
         "launch", "standin", username, "lab-1", vols(username), cpu, memory, gpu, {"transparent": True}, False
     )
     by_keyword = await old_client.call(
-        "launch", image="standin", username=username, server_name="lab-2", vols=vols(username),
-        cpu={"request": None, "limit": 2}, memory=memory, gpu=None, json=None, skip_check=True,
+        "launch",
+        image="standin",
+        username=username,
+        server_name="lab-2",
+        vols=vols(username),
+        cpu={"request": None, "limit": 2},
+        memory=memory,
+        gpu=None,
+        json=None,
+        skip_check=True,
     )
 
     assert isinstance(by_position, dict) and set(by_position) == TASK_KEYS, by_position
     assert by_position["url"].endswith(f"/user/{username}/lab-1/") and by_position["token"]
     assert (by_position["cpu"], by_position["memory"], by_position["gpu"]) == (
-        {"request": 0.5, "limit": 1.0}, memory, gpu
+        {"request": 0.5, "limit": 1.0},
+        memory,
+        gpu,
     )
     assert by_position["vols"] == vols(username)
     assert by_position["token"] not in bridge.log()  # results hold user tokens: never logged
@@ -371,7 +387,10 @@ async def test_a_failing_spawn_and_an_invalid_argument_return_none_with_the_reas
 
     log = bridge.log()
     assert re.search(rf"launch {username}/ failed \(task [-0-9a-f]+\): spawn_failed: .*broken on purpose", log), log
-    assert re.search(rf"launch {username}/ failed \(task [-0-9a-f]+\): invalid_command: memory.limit: '4X' is not a memory quantity", log), log
+    assert re.search(
+        rf"launch {username}/ failed \(task [-0-9a-f]+\): invalid_command: memory.limit: '4X' is not a memory quantity",
+        log,
+    ), log
 
 
 async def test_with_raise_errors_a_failure_raises_with_the_launchers_code_and_message(
@@ -405,13 +424,19 @@ async def test_the_example_client_of_the_older_worker_runs_unchanged(
         "CELERY_QUEUE": redis_brokers.queue,
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "launch_notebook.py", username, "standin",
-        cwd=example, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "launch_notebook.py",
+        username,
+        "standin",
+        cwd=example,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     output = (await asyncio.wait_for(process.communicate(), 240))[0].decode()
 
     assert process.returncode == 0, output
-    assert re.search(rf"^launched: http://\S+/user/{username}/$", output, re.M), output
+    assert re.search(rf"^launched: http://\S+/user/{username}/$", output, re.MULTILINE), output
     assert "ready: True" in output and "removed: True" in output, output
 
 
@@ -494,7 +519,8 @@ async def test_two_hundred_launch_tasks_in_flight_in_one_bridge_all_succeed(
     # What the bridge adds over the direct AMQP command it sends: from send_task to the stored result,
     # less that command's round trip (the bridge logs it: "launch alice/ answered in 12 ms (task …)").
     round_trips = {
-        task_id: float(ms) / 1000 for ms, task_id in re.findall(r" answered in ([0-9]+) ms \(task ([-0-9a-f]+)\)", bridge.log())
+        task_id: float(ms) / 1000
+        for ms, task_id in re.findall(r" answered in ([0-9]+) ms \(task ([-0-9a-f]+)\)", bridge.log())
     }
     for label, calls in (("200 tasks in flight", burst), ("one task at a time", alone)):
         added = [total - round_trips[task_id] for _, task_id, total in calls]
@@ -520,7 +546,11 @@ async def test_a_bridge_killed_with_launches_in_flight_restarts_and_every_task_g
     if brokers.kind == "redis":
         # Redis gives an unacknowledged task back after the visibility timeout (default: an hour);
         # RabbitMQ as soon as the bridge's connection is gone.
-        brokers.transport_options = {"visibility_timeout": 10, "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
+        brokers.transport_options = {
+            "visibility_timeout": 10,
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+        }
     caller = OldClient(brokers)
     try:
         first = start_bridge(brokers)

@@ -33,7 +33,9 @@ async def test_launch_read_remove_return_typed_results_and_progress_reaches_the_
 ) -> None:
     seen: list[CloudEvent] = []
     async with client_for(settings) as client:
-        result = await client.launch(username=username, image="standin:slow-1", server_name="lab", cpu={"limit": 1}, on_progress=seen.append)
+        result = await client.launch(
+            username=username, image="standin:slow-1", server_name="lab", cpu={"limit": 1}, on_progress=seen.append
+        )
         assert isinstance(result, LaunchResult)
         assert result.url.endswith(f"/user/{username}/lab/") and result.token
         assert result.cpu is not None and result.cpu.limit == 1.0
@@ -96,22 +98,23 @@ async def test_an_invalid_command_is_refused_before_anything_is_sent(settings: S
 
 async def test_events_are_filtered_by_user_server_and_type(service: None, settings: Settings, username: str) -> None:
     other = username + "o"
-    async with client_for(settings) as client:
-        async with client.events(user=username, types="launch.ready") as ready, client.events(
-            server="", types=["remove.*"]
-        ) as removes:
-            await asyncio.gather(
-                client.launch(username=username, image="standin"),
-                client.launch(username=other, image="standin"),
-            )
-            await client.remove(other)
-            event = await asyncio.wait_for(ready.__anext__(), 30)
-            assert event.type == "launch.ready" and event.subject == f"{username}/"
-            removed = [await asyncio.wait_for(removes.__anext__(), 30) for _ in range(2)]
-            assert [e.type for e in removed] == ["remove.accepted", "remove.stopped"]
-            assert {e.subject for e in removed} == {f"{other}/"}
-            await asyncio.sleep(0.5)
-            assert ready._queue.empty(), "an event for another user or type got through"
+    async with (
+        client_for(settings) as client,
+        client.events(user=username, types="launch.ready") as ready,
+        client.events(server="", types=["remove.*"]) as removes,
+    ):
+        await asyncio.gather(
+            client.launch(username=username, image="standin"),
+            client.launch(username=other, image="standin"),
+        )
+        await client.remove(other)
+        event = await asyncio.wait_for(ready.__anext__(), 30)
+        assert event.type == "launch.ready" and event.subject == f"{username}/"
+        removed = [await asyncio.wait_for(removes.__anext__(), 30) for _ in range(2)]
+        assert [e.type for e in removed] == ["remove.accepted", "remove.stopped"]
+        assert {e.subject for e in removed} == {f"{other}/"}
+        await asyncio.sleep(0.5)
+        assert ready._queue.empty(), "an event for another user or type got through"
 
 
 async def test_two_hundred_concurrent_calls_share_one_connection(service: None, settings: Settings) -> None:
@@ -167,9 +170,9 @@ async def test_a_reply_that_never_comes_times_out_after_the_timeout_plus_the_mar
     async with connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(settings.command_queue, passive=True)
-        # A consumer, not basic.get: quorum queues with a single active consumer refuse basic.get.
-        async with asyncio.timeout(10), queue.iterator(no_ack=True) as messages:
-            queued = await anext(aiter(messages))
+        # Consumed, not fetched: the command queue has a single active consumer, which refuses basic.get.
+        async with queue.iterator(no_ack=True) as messages:
+            queued = await asyncio.wait_for(messages.__anext__(), 5)
         assert queued.message_id == "celery-task-1" and queued.correlation_id == "celery-task-1"
         assert (queued.reply_to or "").startswith("amq.rabbitmq.reply-to.") and b'"timeout":1.0' in queued.body
 
@@ -186,5 +189,9 @@ def test_from_config_reads_the_services_config_file(tmp_path, monkeypatch) -> No
     config.write_text("command_queue: team.commands\nevents_exchange: team.events\nlaunch_timeout: 42\n")
     monkeypatch.setenv("LAUNCHER_AMQP_URL", "amqp://u:p@rabbit/")
     client = LauncherClient.from_config(config)
-    assert (client.amqp_url, client.command_queue, client.events_exchange) == ("amqp://u:p@rabbit/", "team.commands", "team.events")
+    assert (client.amqp_url, client.command_queue, client.events_exchange) == (
+        "amqp://u:p@rabbit/",
+        "team.commands",
+        "team.events",
+    )
     assert client.reply_exchange == "launcher.replies" and client.launch_timeout == 42

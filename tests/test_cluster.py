@@ -4,11 +4,12 @@ nodes, and launches in flight while the queue leader's node, then the launcher's
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aio_pika
 import pytest
@@ -41,15 +42,19 @@ class ClusterClient(RecordingClient):
         self.url = url
         self.result_bodies: dict[str, list[dict[str, Any]]] = {}
 
-    async def __aenter__(self) -> ClusterClient:
+    async def __aenter__(self) -> Self:
         self.connection = await aio_pika.connect_robust(self.url, client_properties={"connection_name": "test caller"})
         self.channel = await self.connection.channel(on_return_raises=True)
         declare = self.channel.declare_queue
         self.reply_queue = await declare(unique("test-replies-"), durable=True, arguments=QUORUM)
         self.results_queue = await declare(unique("test-results-"), durable=True, arguments=QUORUM)
         self.events_queue = await declare(unique("test-events-"), durable=True, arguments=QUORUM)
-        replies = await self.channel.declare_exchange(self.settings.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-        events = await self.channel.declare_exchange(self.settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        replies = await self.channel.declare_exchange(
+            self.settings.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        events = await self.channel.declare_exchange(
+            self.settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
         await self.results_queue.bind(replies, "#")
         await self.events_queue.bind(events, "#")
         await self.reply_queue.consume(self._acked(self._on_reply))
@@ -108,7 +113,7 @@ class Probe:
     async def _one(self, username: str) -> None:
         try:
             correlation_id = await asyncio.wait_for(self.client.send({"action": "read", "username": username}), 30)
-        except Exception:
+        except Exception:  # noqa: BLE001
             return  # not confirmed (the caller's node went away): the broker may not have it
         self.sent.append(correlation_id)
 
@@ -118,7 +123,7 @@ class Probe:
     def longest_gap(self, start: float, end: float) -> float:
         """The longest time in [start, end] with no probe answered."""
         times = [start] + [t for t in self.answer_times() if start < t < end] + [end]
-        return max(b - a for a, b in zip(times, times[1:]))
+        return max(b - a for a, b in itertools.pairwise(times))
 
     async def answered_after(self, moment: float, timeout: float = 120) -> float:
         async with asyncio.timeout(timeout):

@@ -24,7 +24,9 @@ def test_defaults_match_the_older_worker_and_the_issue(tmp_path: Path) -> None:
     assert settings.status_check_interval == 2 and settings.status_check_count == 150
     assert settings.amqp_url.get_secret_value() == "amqp://guest:guest@127.0.0.1:5672/"
     assert (settings.command_queue, settings.reply_exchange, settings.events_exchange) == (
-        "launcher.commands", "launcher.replies", "launcher.events",
+        "launcher.commands",
+        "launcher.replies",
+        "launcher.events",
     )
     assert (settings.max_concurrency, settings.launch_timeout, settings.shutdown_grace) == (100, 300, 30)
     assert settings.public_url == "http://127.0.0.1:8000"
@@ -51,7 +53,9 @@ def test_environment_overrides_the_file_and_launcher_variables_win(tmp_path: Pat
 
 
 def test_older_workers_keys_load_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = write(tmp_path, "host: 0.0.0.0\nport: 5000\ndebug: true\njupyterhub_service_prefix: /services/x\nlog_level: 10\n")
+    path = write(
+        tmp_path, "host: 0.0.0.0\nport: 5000\ndebug: true\njupyterhub_service_prefix: /services/x\nlog_level: 10\n"
+    )
     with caplog.at_level(logging.WARNING):
         settings = load_settings(path, environ={})
     assert settings.log_level == logging.DEBUG

@@ -48,8 +48,13 @@ async def test_the_demo_launches_a_server_and_on_ctrl_c_removes_its_queues_excha
     env.pop("LAUNCHER_AMQP_URL", None)
     with (tmp_path / "demo.err").open("wb") as errors:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.support.demo", cwd=ROOT, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=errors,
+            sys.executable,
+            "-m",
+            "tests.support.demo",
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=errors,
         )
         out: list[str] = []
         try:

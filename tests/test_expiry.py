@@ -60,7 +60,12 @@ class HubWatch:
         ) as response:  # fmt: skip
             response.raise_for_status()
             users = await response.json()
-        return {(u["name"], name) for u in users for name, s in (u.get("servers") or {}).items() if s.get("ready") or s.get("pending") == "spawn"}
+        return {
+            (u["name"], name)
+            for u in users
+            for name, s in (u.get("servers") or {}).items()
+            if s.get("ready") or s.get("pending") == "spawn"
+        }
 
     async def _poll(self) -> None:
         async with aiohttp.ClientSession() as http:
@@ -90,16 +95,19 @@ class HubWatch:
 async def test_a_launch_with_a_ttl_is_removed_on_time_with_the_reason(
     ttl_settings: Settings, hub: LocalHub, username: str
 ) -> None:
-    async with running_service(ttl_settings), LauncherClient.from_settings(ttl_settings) as client:
-        async with client.events(user=username) as events:
-            started = time.time()
-            result = await client.launch(username=username, image="standin", ttl=3)
-            assert result.expires_at is not None
-            expires = result.expires_at.timestamp()
-            assert started + 3 <= expires <= time.time() + 3
-            seen: list[CloudEvent] = []
-            while not seen or seen[-1].type != "remove.stopped":
-                seen.append(await asyncio.wait_for(events.__anext__(), 30))
+    async with (
+        running_service(ttl_settings),
+        LauncherClient.from_settings(ttl_settings) as client,
+        client.events(user=username) as events,
+    ):
+        started = time.time()
+        result = await client.launch(username=username, image="standin", ttl=3)
+        assert result.expires_at is not None
+        expires = result.expires_at.timestamp()
+        assert started + 3 <= expires <= time.time() + 3
+        seen: list[CloudEvent] = []
+        while not seen or seen[-1].type != "remove.stopped":
+            seen.append(await asyncio.wait_for(events.__anext__(), 30))
     removes = [e for e in seen if e.type.startswith("remove.")]
     assert [e.type for e in removes] == ["remove.accepted", "remove.stopped"]
     assert all(e.data["reason"] == "expired" and e.data["ttl"] == 3 for e in removes)

@@ -91,7 +91,11 @@ def strategies(users: list[str]) -> st.SearchStrategy[Case]:
     )
     # Valid commands too, so that runs, joined copies and acks meet the hostile properties.
     target = {"username": st.sampled_from(users)}
-    optional = {"server_name": st.sampled_from(["", "fz-1"]), "timeout": st.integers(1, 30), "skip_check": st.booleans()}
+    optional = {
+        "server_name": st.sampled_from(["", "fz-1"]),
+        "timeout": st.integers(1, 30),
+        "skip_check": st.booleans(),
+    }
     valid = st.one_of(
         st.fixed_dictionaries({"action": st.sampled_from(["read", "remove"]), **target}, optional=optional),
         st.fixed_dictionaries(
@@ -101,8 +105,13 @@ def strategies(users: list[str]) -> st.SearchStrategy[Case]:
     )
     deep = st.one_of(
         st.builds(
-            lambda depth, inside: (b'{"action": "launch", "username": "a", "image": "standin", "json": ' if inside else b"")
-            + b"[" * depth + b"1" + b"]" * depth + (b"}" if inside else b""),
+            lambda depth, inside: (
+                (b'{"action": "launch", "username": "a", "image": "standin", "json": ' if inside else b"")
+                + b"[" * depth
+                + b"1"
+                + b"]" * depth
+                + (b"}" if inside else b"")
+            ),
             st.integers(100, 20_000),
             st.booleans(),
         ),
@@ -153,7 +162,9 @@ def strategies(users: list[str]) -> st.SearchStrategy[Case]:
         content_encoding=st.one_of(st.none(), st.sampled_from(["gzip", "utf-16", ""]), short),
         # Not "x-" headers: RabbitMQ reads those itself, and a malformed x-death crashes the
         # dead-letter worker of RabbitMQ 3.10's quorum queues, for every queue on the node.
-        headers=st.dictionaries(st.text(utf8, max_size=20).filter(lambda k: not k.startswith("x-")), header_value, max_size=4),
+        headers=st.dictionaries(
+            st.text(utf8, max_size=20).filter(lambda k: not k.startswith("x-")), header_value, max_size=4
+        ),
         delivery_mode=st.sampled_from([1, 2]),
         priority=st.one_of(st.none(), st.integers(0, 255)),
     )
@@ -181,11 +192,12 @@ def generate(count: int, users: list[str], run_seed: int) -> list[Case]:
 
 def huge_cases(users: list[str]) -> list[Case]:
     """A few big bodies, around and past the 1 MiB a command may have (not left to chance)."""
+
     def case(body: bytes) -> Case:
         return Case(body, OUR_QUEUE, None, "huge", "application/json", None, {}, 2, None)
 
     mib = 1024 * 1024
-    filler = lambda n: json.dumps({"action": "launch", "username": users[0], "image": "x" * n}).encode()  # noqa: E731
+    filler = lambda n: json.dumps({"action": "launch", "username": users[0], "image": "x" * n}).encode()
     return [
         case(filler(mib - 100)),
         case(filler(mib + 1)),
@@ -298,7 +310,9 @@ async def test_thousands_of_hostile_messages_are_each_answered_or_dead_lettered_
             f"published in {published - generated:.1f} s, all settled {finished - published:.1f} s later"
         )
         codes = collections.Counter(
-            (body.get("error") or {}).get("code", "ok") for _, body in client.results if case_of(body["_correlation_id"]) is not None
+            (body.get("error") or {}).get("code", "ok")
+            for _, body in client.results
+            if case_of(body["_correlation_id"]) is not None
         )
         print(f"outcomes: {dict(codes)}")
         assert not lost

@@ -25,17 +25,21 @@ from tests.support.tcpcut import TcpCut
 async def cuts(hub: LocalHub) -> AsyncIterator[tuple[TcpCut, TcpCut]]:
     broker = urlsplit(AMQP_URL)
     hub_address = urlsplit(hub.url)
-    async with TcpCut(broker.hostname or "127.0.0.1", broker.port or 5672) as to_broker:
-        async with TcpCut(hub_address.hostname or "127.0.0.1", hub_address.port or 80) as to_hub:
-            yield to_broker, to_hub
+    async with (
+        TcpCut(broker.hostname or "127.0.0.1", broker.port or 5672) as to_broker,
+        TcpCut(hub_address.hostname or "127.0.0.1", hub_address.port or 80) as to_hub,
+    ):
+        yield to_broker, to_hub
 
 
 async def get(port: int, path: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=5)) as response:
-            if response.content_type == "application/json":
-                return response.status, await response.json()
-            return response.status, await response.text()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=5)) as response,
+    ):
+        if response.content_type == "application/json":
+            return response.status, await response.json()
+        return response.status, await response.text()
 
 
 async def wait_for_status(port: int, path: str, status: int, timeout: float = 40) -> Any:
@@ -50,7 +54,7 @@ async def wait_for_status(port: int, path: str, status: int, timeout: float = 40
 def sample(text: str, name: str, **labels: str) -> float:
     """A sample's value from Prometheus text, 0 when absent."""
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith((name + "{", name + " ")):
             found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
             if all(found.get(k) == v for k, v in labels.items()):
                 return float(line.rsplit(" ", 1)[1])
@@ -105,7 +109,9 @@ async def test_metrics_count_real_commands_by_action_and_outcome_without_user_na
             assert launched["ok"], launched
             missing = await client.call({"action": "read", "username": username, "server_name": "nope"})
             assert missing["error"]["code"] == "not_found"
-            invalid = await client.call({"action": "launch", "username": username, "image": "standin", "memory": {"limit": "4X"}})
+            invalid = await client.call(
+                {"action": "launch", "username": username, "image": "standin", "memory": {"limit": "4X"}}
+            )
             assert invalid["error"]["code"] == "invalid_command"
             removed = await client.call({"action": "remove", "username": username})
             assert removed["ok"], removed
@@ -120,9 +126,11 @@ async def test_metrics_count_real_commands_by_action_and_outcome_without_user_na
         assert moved("launcher_commands_total", action="launch", outcome="invalid_command") == 1
         assert moved("launcher_commands_total", action="remove", outcome="ok") == 1
         assert moved("launcher_command_duration_seconds_count", action="launch") == 2
-        assert moved("launcher_hub_requests_total", method="POST", route="/users/{name}/server", status="201") + moved(
-            "launcher_hub_requests_total", method="POST", route="/users/{name}/server", status="202"
-        ) == 1
+        assert (
+            moved("launcher_hub_requests_total", method="POST", route="/users/{name}/server", status="201")
+            + moved("launcher_hub_requests_total", method="POST", route="/users/{name}/server", status="202")
+            == 1
+        )
         assert moved("launcher_hub_requests_total", method="POST", route="/users/{name}/tokens", status="201") == 1
         assert moved("launcher_hub_request_duration_seconds_count", method="GET", route="/users/{name}") >= 1
         assert sample(after, "launcher_commands_in_flight") == 0

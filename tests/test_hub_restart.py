@@ -71,9 +71,11 @@ async def launcher_tokens(hub_api: HubClient, username: str) -> list[dict[str, A
 
 
 async def status_with(url: str, token: str) -> int:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(url + "api/status", headers={"Authorization": f"token {token}"}, allow_redirects=False) as r:
-            return r.status
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(url + "api/status", headers={"Authorization": f"token {token}"}, allow_redirects=False) as r,
+    ):
+        return r.status
 
 
 async def test_a_launch_following_a_healthy_spawn_through_a_hub_restart_ends_ready_and_stops_nothing(
@@ -128,7 +130,11 @@ async def test_a_start_answered_503_by_a_proxy_whose_hub_is_down_is_retried_unti
     async with aiohttp.ClientSession() as session:
         through_front = HubClient(session, front.url + "/hub/api", hub.token)
         loop = asyncio.get_running_loop()
-        start = asyncio.create_task(through_front.until(loop.time() + 60).start_server(username, "", signed_options(hub.signing_key, username, "", {"image": "standin"})))
+        start = asyncio.create_task(
+            through_front.until(loop.time() + 60).start_server(
+                username, "", signed_options(hub.signing_key, username, "", {"image": "standin"})
+            )
+        )
         await asyncio.sleep(2)
         assert not start.done()
         front.route()

@@ -12,7 +12,9 @@ from consumer.config import Settings
 from tests.conftest import AMQP_URL, Client
 
 
-async def dead_letters(settings: Settings, expected: int, timeout: float = 15) -> list[aio_pika.abc.AbstractIncomingMessage]:
+async def dead_letters(
+    settings: Settings, expected: int, timeout: float = 15
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
     """The messages in ``<command_queue>.dead``, once ``expected`` of them have arrived."""
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
@@ -34,9 +36,21 @@ async def dead_letters(settings: Settings, expected: int, timeout: float = 15) -
     ("body", "field", "words"),
     [
         ({"action": "launch", "username": "alice"}, "image", "Field required"),
-        ({"action": "launch", "username": "alice", "image": "x", "memory": {"limit": "4X"}}, "memory.limit", "not a memory quantity"),
-        ({"action": "launch", "username": "alice", "image": "x", "privileged": True}, "privileged", "Extra inputs are not permitted"),
-        ({"action": "launch", "username": "alice", "image": "x", "cpu": {"request": 4, "limit": 2}}, "cpu", "more than limit"),
+        (
+            {"action": "launch", "username": "alice", "image": "x", "memory": {"limit": "4X"}},
+            "memory.limit",
+            "not a memory quantity",
+        ),
+        (
+            {"action": "launch", "username": "alice", "image": "x", "privileged": True},
+            "privileged",
+            "Extra inputs are not permitted",
+        ),
+        (
+            {"action": "launch", "username": "alice", "image": "x", "cpu": {"request": 4, "limit": 2}},
+            "cpu",
+            "more than limit",
+        ),
         ({"action": "launch", "username": "Alice", "image": "x"}, "username", "pattern"),
         ({"action": "remove", "username": "alice", "server_name": "Not_valid"}, "server_name", "pattern"),
         ({"action": "explode", "username": "alice"}, "action", "'explode' is not one of"),

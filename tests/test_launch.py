@@ -85,8 +85,12 @@ async def test_remove_stops_the_server_and_removing_a_stopped_one_is_ok(
 
     removed = await client.call({"action": "remove", "username": username, "server_name": "x"})
     assert removed == {
-        "ok": True, "action": "remove", "username": username, "server_name": "x",
-        "result": {"stopped": True}, "error": None,
+        "ok": True,
+        "action": "remove",
+        "username": username,
+        "server_name": "x",
+        "result": {"stopped": True},
+        "error": None,
     }
     assert await hub_api.get_server(username, "x") is None
     again = await client.call({"action": "remove", "username": username, "server_name": "x"})
@@ -245,7 +249,9 @@ def eager_hub():
         yield running
 
 
-async def test_launch_on_a_hub_that_answers_202_at_once_is_followed_to_ready(eager_hub: LocalHub, username: str) -> None:
+async def test_launch_on_a_hub_that_answers_202_at_once_is_followed_to_ready(
+    eager_hub: LocalHub, username: str
+) -> None:
     from tests.conftest import delete_topology, make_settings, running_service
 
     settings = make_settings(eager_hub)

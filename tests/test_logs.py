@@ -122,12 +122,20 @@ async def test_json_lines_carry_the_fields_of_their_own_command_only() -> None:
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     by_message = {line["message"]: line for line in lines}
     assert by_message["received 1"] | {"time": ""} == {
-        "time": "", "level": "INFO", "logger": "test.logs.fields", "message": "received 1",
-        "correlation_id": "c1", "message_id": "m1",
+        "time": "",
+        "level": "INFO",
+        "logger": "test.logs.fields",
+        "message": "received 1",
+        "correlation_id": "c1",
+        "message_id": "m1",
     }
     done = by_message["done 2"]
     assert (done["correlation_id"], done["message_id"], done["action"], done["username"], done["server_name"]) == (
-        "c2", "m2", "launch", "user2", ""
+        "c2",
+        "m2",
+        "launch",
+        "user2",
+        "",
     )
     assert "no_such_field" not in done
     assert by_message["progress 1"]["username"] == "user1" and by_message["progress 2"]["correlation_id"] == "c2"
@@ -161,7 +169,7 @@ async def test_json_logs_of_real_commands_at_debug_parse_line_by_line_with_no_se
         "LAUNCHER_HEALTH_PORT": "0",
         "LAUNCHER_JUPYTERHUB_URL": hub.url,
         "LAUNCHER_JUPYTERHUB_API_TOKEN": hub.token,
-        "LAUNCHER_SPAWNER_SIGNING_KEY": hub.signing_key,
+        "LAUNCHER_SPAWNER_SIGNING_KEY": hub.signing_key,  # the hub starts only signed options
         "LAUNCHER_AMQP_URL": AMQP_URL,
         "LAUNCHER_COMMAND_QUEUE": settings.command_queue,
         "LAUNCHER_REPLY_EXCHANGE": settings.reply_exchange,
@@ -179,7 +187,9 @@ async def test_json_logs_of_real_commands_at_debug_parse_line_by_line_with_no_se
             launched = await client.reply(launch_id)
             read = await client.call({"action": "read", "username": username})
             removed = await client.call({"action": "remove", "username": username})
-            invalid_id = await client.send(b'{"action": "launch", "username": "x", "token": "' + USER_TOKEN.encode() + b'"')
+            invalid_id = await client.send(
+                b'{"action": "launch", "username": "x", "token": "' + USER_TOKEN.encode() + b'"'
+            )
             invalid = await client.reply(invalid_id)
             process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(process.wait(), 60) == 0
@@ -193,7 +203,7 @@ async def test_json_logs_of_real_commands_at_debug_parse_line_by_line_with_no_se
     text = log_path.read_text()
     lines: list[dict[str, Any]] = [json.loads(line) for line in text.splitlines()]  # each line one object
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
-    for secret in (hub.token, launched["result"]["token"], "guest:guest", USER_TOKEN):
+    for secret in (hub.token, hub.signing_key, launched["result"]["token"], "guest:guest", USER_TOKEN):
         assert secret not in text
 
     def of(correlation_id: str) -> list[dict[str, Any]]:
@@ -202,7 +212,9 @@ async def test_json_logs_of_real_commands_at_debug_parse_line_by_line_with_no_se
     started = [line for line in of(launch_id) if line["message"].startswith(f"launch {username}/: started")]
     assert len(started) == 1
     assert {k: started[0][k] for k in ("action", "username", "server_name")} == {
-        "action": "launch", "username": username, "server_name": ""
+        "action": "launch",
+        "username": username,
+        "server_name": "",
     }
     assert started[0]["message_id"]
     assert any(line["message"].endswith(": done") for line in of(launch_id))

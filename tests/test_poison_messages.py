@@ -85,9 +85,7 @@ async def test_numbers_a_cluster_cannot_take_are_refused_naming_the_field(
     assert any(d["field"] == field and words in d["message"] for d in reply["error"]["details"]), reply
 
 
-async def test_two_different_commands_with_the_same_message_id_both_run(
-    service: None, client: Client
-) -> None:
+async def test_two_different_commands_with_the_same_message_id_both_run(service: None, client: Client) -> None:
     users = unique("a"), unique("b")
     sent = [
         await client.send({"action": "launch", "username": user, "image": "standin:slow-1"}, message_id="shared-id")
@@ -114,7 +112,6 @@ async def test_a_copy_from_another_caller_joins_the_running_command_and_both_are
     await asyncio.sleep(0.5)
     assert [e["type"] for e in client.events_for(first)].count("launch.accepted") == 1
     assert not [e for e in client.events_for(second) if e["type"] == "launch.accepted"]
-
 
 
 async def test_a_bug_on_the_reply_path_still_answers_internal_error_and_dead_letters(

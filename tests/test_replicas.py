@@ -49,10 +49,12 @@ def event_time(client: Client, correlation_id: str, event_type: str) -> str:
 
 
 async def launcher_tokens(hub: LocalHub, username: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession(headers={"Authorization": f"token {hub.token}"}) as session:
-        async with session.get(f"{hub.api_url}/users/{username}/tokens") as response:
-            assert response.status == 200, await response.text()
-            tokens = (await response.json())["api_tokens"]
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"token {hub.token}"}) as session,
+        session.get(f"{hub.api_url}/users/{username}/tokens") as response,
+    ):
+        assert response.status == 200, await response.text()
+        tokens = (await response.json())["api_tokens"]
     return [t for t in tokens if (t.get("note") or "").startswith("jupyterhub-launcher")]
 
 
@@ -83,7 +85,9 @@ async def test_a_command_queue_declared_without_single_active_consumer_stops_sta
     assert "Traceback" not in log and "PRECONDITION_FAILED -" not in log
 
 
-async def test_a_changed_delivery_limit_stops_start_up_naming_x_delivery_limit_and_both_values(settings: Settings) -> None:
+async def test_a_changed_delivery_limit_stops_start_up_naming_x_delivery_limit_and_both_values(
+    settings: Settings,
+) -> None:
     first = Broker(settings)
     await first.connect()
     await first.close()
@@ -186,9 +190,7 @@ async def test_failover_after_sigkill_of_the_active_replica_with_50_launches_in_
     hub_log_offset = hub.log_path.stat().st_size
     try:
         async with RecordingClient(settings) as client:
-            ids = [
-                await client.send({"action": "launch", "username": u, "image": "standin:slow-5"}) for u in users
-            ]
+            ids = [await client.send({"action": "launch", "username": u, "image": "standin:slow-5"}) for u in users]
             async with asyncio.timeout(120):
                 while sum(1 for i in ids if client.events_for(i)) < n:
                     await asyncio.sleep(0.05)

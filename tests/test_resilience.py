@@ -177,7 +177,9 @@ def _close_connection(name: str) -> None:
     """Make the broker drop one named connection, as a failing node or network would."""
     listing = subprocess.run(
         ["rabbitmqctl", "list_connections", "pid", "client_properties", "-q", "--no-table-headers"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     for line in listing.stdout.splitlines():
         pid, properties = line.split("\t", 1)
@@ -234,7 +236,9 @@ async def test_a_launch_in_flight_survives_a_broker_restart(hub: LocalHub, usern
             # caller has reconnected, and the launcher may answer before that (the result event still
             # has it).
             async with Client(settings, durable_replies=True) as client:
-                correlation_id = await client.send({"action": "launch", "username": username, "image": "standin:slow-3"})
+                correlation_id = await client.send(
+                    {"action": "launch", "username": username, "image": "standin:slow-3"}
+                )
                 await wait_for_event(client, correlation_id, "launch.accepted")
                 await asyncio.to_thread(node.restart)
 

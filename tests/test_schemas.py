@@ -23,7 +23,15 @@ def launch(**fields: object) -> dict:
 
 @pytest.mark.parametrize(
     ("quantity", "size"),
-    [("512M", 512 * 2**20), ("1G", 2**30), ("1.5Gi", 3 * 2**29), ("2Ti", 2 * 2**40), ("1024", 1024), (2048, 2048), ("10K", 10240)],
+    [
+        ("512M", 512 * 2**20),
+        ("1G", 2**30),
+        ("1.5Gi", 3 * 2**29),
+        ("2Ti", 2 * 2**40),
+        ("1024", 1024),
+        (2048, 2048),
+        ("10K", 10240),
+    ],
 )
 def test_memory_quantities_mean_what_they_mean_to_jupyterhub(quantity: str | int, size: int) -> None:
     assert parse_memory(quantity) == size

@@ -21,4 +21,7 @@ def test_launcher_and_spawner_agree_on_what_is_signed() -> None:
     assert (version, signed_at) == ("v1", "1700000000")
     assert mac == _signature_mac("key", "alice", "gpu-1", 1700000000, options)
     assert SPAWNER_SIGNATURE_KEY == SIGNATURE_KEY
-    assert canonical("alice", "gpu-1", 1, {"b": 1, "a": 2.0}) == b'{"options":{"a":2.0,"b":1},"server":"gpu-1","time":1,"user":"alice"}'
+    assert (
+        canonical("alice", "gpu-1", 1, {"b": 1, "a": 2.0})
+        == b'{"options":{"a":2.0,"b":1},"server":"gpu-1","time":1,"user":"alice"}'
+    )

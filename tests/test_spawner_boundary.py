@@ -77,7 +77,9 @@ async def test_signed_options_are_applied_and_stored_without_their_signature() -
     assert env_of(pod)["COURSE"] == "x"
     # The model shows what was applied; the launcher's "same options?" check holds however signed.
     assert spawner.user_options == spawner.orm_spawner.user_options == {"cpu": {"limit": 2}, "env": {"COURSE": "x"}}
-    assert spawner.orm_spawner.user_options == signed_options(KEY, "alice", "", {"cpu": {"limit": 2}, "env": {"COURSE": "x"}}, now=1)
+    assert spawner.orm_spawner.user_options == signed_options(
+        KEY, "alice", "", {"cpu": {"limit": 2}, "env": {"COURSE": "x"}}, now=1
+    )
     assert spawner.orm_spawner.user_options != signed_options(KEY, "alice", "", {"cpu": {"limit": 1}})
 
 
@@ -86,16 +88,24 @@ async def test_signed_options_are_applied_and_stored_without_their_signature() -
     [
         pytest.param({"cpu": {"limit": 4}}, "this hub applies only options signed by its launcher", id="unsigned"),
         pytest.param(
-            {"cpu": {"limit": 4}, SIGNATURE_KEY: "v1.1.deadbeef"}, f"{SIGNATURE_KEY}: is not a launcher signature", id="garbage"
+            {"cpu": {"limit": 4}, SIGNATURE_KEY: "v1.1.deadbeef"},
+            f"{SIGNATURE_KEY}: is not a launcher signature",
+            id="garbage",
         ),
         pytest.param(
-            signed_options(KEY, "bob", "", {"cpu": {"limit": 4}}), "does not match these options for alice's server ''", id="other-user"
+            signed_options(KEY, "bob", "", {"cpu": {"limit": 4}}),
+            "does not match these options for alice's server ''",
+            id="other-user",
         ),
         pytest.param(
-            signed_options(KEY, "alice", "gpu", {"cpu": {"limit": 4}}), "does not match these options", id="other-server"
+            signed_options(KEY, "alice", "gpu", {"cpu": {"limit": 4}}),
+            "does not match these options",
+            id="other-server",
         ),
         pytest.param(
-            {**signed_options(KEY, "alice", "", {"cpu": {"limit": 1}}), "cpu": {"limit": 4}}, "does not match", id="tampered"
+            {**signed_options(KEY, "alice", "", {"cpu": {"limit": 1}}), "cpu": {"limit": 4}},
+            "does not match",
+            id="tampered",
         ),
         pytest.param(
             signed_options("another-key", "alice", "", {"cpu": {"limit": 4}}), "does not match", id="other-key"
@@ -106,7 +116,9 @@ async def test_signed_options_are_applied_and_stored_without_their_signature() -
             id="stale",
         ),
         pytest.param(
-            signed_options(KEY, "alice", "", {"cpu": {"limit": 4}}, now=time.time() + 3600), "s old", id="from-the-future"
+            signed_options(KEY, "alice", "", {"cpu": {"limit": 4}}, now=time.time() + 3600),
+            "s old",
+            id="from-the-future",
         ),
     ],
 )
@@ -172,7 +184,9 @@ class PageRequest:
         pytest.param(None, True, id="no-request"),
     ],
 )
-async def test_stored_options_are_not_reused_whichever_way_a_start_without_options_comes(handler: Any, applied: bool) -> None:
+async def test_stored_options_are_not_reused_whichever_way_a_start_without_options_comes(
+    handler: Any, applied: bool
+) -> None:
     spawner = make_spawner(keyed())
     stored = signed_options(KEY, "alice", "", {"cpu": {"limit": 4}})
     await spawner.run_auth_state_hook(None)
@@ -206,7 +220,7 @@ def test_signed_options_compare_equal_to_the_same_options_however_signed() -> No
     first, later = signed_options(KEY, "a", "", options, now=1), signed_options(KEY, "a", "", options, now=2)
     assert isinstance(first, SignedOptions) and first[SIGNATURE_KEY] != later[SIGNATURE_KEY]
     assert first == later and first == options and options == first
-    assert not (first != options) and not (options != first)
+    assert not (first != options) and not (options != first)  # noqa: SIM202 (tests __ne__ itself)
     assert first != {"cpu": {"limit": 2}} and {"cpu": {"limit": 2}} != first
     assert signed_options("", "a", "", options) is options  # no key: unchanged
 
@@ -265,7 +279,10 @@ async def test_the_own_claim_follows_the_configured_pvc_name_template_and_serves
 def gpu_policy() -> Config:
     config = Config()
     config.LauncherSpawnerMixin.launcher_max_gpu = 2
-    config.LauncherSpawnerMixin.launcher_allowed_options = {"tolerations": "tolerations", "node_selector": "node_selector"}
+    config.LauncherSpawnerMixin.launcher_allowed_options = {
+        "tolerations": "tolerations",
+        "node_selector": "node_selector",
+    }
     config.LauncherSpawnerMixin.launcher_allowed_toleration_keys = [r"nvidia\.com/gpu"]
     config.LauncherSpawnerMixin.launcher_allowed_node_selector_keys = [r"nvidia\.com/gpu\.product"]
     return config
@@ -287,7 +304,9 @@ GPU_NODE = {"nvidia.com/gpu.product": "NVIDIA-A100"}
             "env.NVIDIA_VISIBLE_DEVICES: is not a variable",
             id="all-gpus-by-env-with-2",
         ),
-        pytest.param({"env": {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}}, "env.CUDA_VISIBLE_DEVICES: is not a variable", id="cuda-env"),
+        pytest.param(
+            {"env": {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}}, "env.CUDA_VISIBLE_DEVICES: is not a variable", id="cuda-env"
+        ),
         pytest.param(
             {"json": {"tolerations": [GPU_TAINT]}},
             "json.tolerations[0].key: 'nvidia.com/gpu' is for GPU nodes; only a start that asks for GPUs may tolerate it",
@@ -306,7 +325,8 @@ async def test_no_way_around_the_gpu_maximum(options: dict[str, Any], message: s
 
 async def test_a_gpu_start_may_tolerate_and_select_gpu_nodes() -> None:
     pod = await start(
-        make_spawner(gpu_policy()), {"gpu": {"limit": 1}, "json": {"tolerations": [GPU_TAINT], "node_selector": GPU_NODE}}
+        make_spawner(gpu_policy()),
+        {"gpu": {"limit": 1}, "json": {"tolerations": [GPU_TAINT], "node_selector": GPU_NODE}},
     )
     assert container(pod).resources.limits == {"nvidia.com/gpu": "1"}
     assert [t.key for t in pod.spec.tolerations] == ["nvidia.com/gpu"]
@@ -316,13 +336,21 @@ async def test_a_gpu_start_may_tolerate_and_select_gpu_nodes() -> None:
 # -- finding 3: tolerate everything ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config", [pytest.param(z2jh_policy, id="z2jh-example"), pytest.param(gpu_policy, id="built-ins")])
+@pytest.mark.parametrize(
+    "config", [pytest.param(z2jh_policy, id="z2jh-example"), pytest.param(gpu_policy, id="built-ins")]
+)
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        pytest.param({"json": {"tolerations": [{"operator": "Exists"}]}}, "a toleration without a key tolerates every taint", id="all"),
         pytest.param(
-            {"json": {"tolerations": [{"operator": "Exists", "effect": "NoExecute"}]}}, "without a key", id="all-noexecute"
+            {"json": {"tolerations": [{"operator": "Exists"}]}},
+            "a toleration without a key tolerates every taint",
+            id="all",
+        ),
+        pytest.param(
+            {"json": {"tolerations": [{"operator": "Exists", "effect": "NoExecute"}]}},
+            "without a key",
+            id="all-noexecute",
         ),
         pytest.param(
             {"json": {"tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}},
@@ -345,7 +373,9 @@ async def test_tolerations_and_node_selectors_are_limited_by_key_also_from_yaml(
 async def test_built_in_tolerations_allow_no_key_until_the_admin_lists_keys() -> None:
     config = Config()
     config.LauncherSpawnerMixin.launcher_allowed_options = {"tolerations": "tolerations"}
-    message = await refused(make_spawner(config), {"json": {"tolerations": [{"key": "dedicated", "operator": "Exists"}]}})
+    message = await refused(
+        make_spawner(config), {"json": {"tolerations": [{"key": "dedicated", "operator": "Exists"}]}}
+    )
     assert "(launcher_allowed_toleration_keys)" in message
 
 
@@ -368,8 +398,14 @@ def configured_only() -> Config:
             "'docker.io/evil/miner:latest' is not one of the images this hub allows (it runs only its configured image)",
             id="image",
         ),
-        pytest.param({"cpu": {"request": 512, "limit": 512}}, "cpu.request: 512 is more than this hub's maximum of 1 cores", id="cpu"),
-        pytest.param({"memory": {"limit": "4T"}}, "memory.limit: '4T' is more than this hub's maximum of 1G", id="memory"),
+        pytest.param(
+            {"cpu": {"request": 512, "limit": 512}},
+            "cpu.request: 512 is more than this hub's maximum of 1 cores",
+            id="cpu",
+        ),
+        pytest.param(
+            {"memory": {"limit": "4T"}}, "memory.limit: '4T' is more than this hub's maximum of 1G", id="memory"
+        ),
         pytest.param({"gpu": {"limit": 64}}, "gpu: this hub gives callers no GPUs", id="gpu"),
     ],
 )
@@ -430,21 +466,25 @@ async def test_six_named_servers_at_the_maximum_are_refused_by_the_per_user_tota
     await running(user, "s2", big)
 
     third = make_spawner(totals(), server_name="s3", user=user)
-    assert "cpu: 12 cores on alice's other active servers ('s1', 's2') and 5 cores on this one are more than" in await refused(
-        third, {"cpu": {"limit": 5}}
+    assert (
+        "cpu: 12 cores on alice's other active servers ('s1', 's2') and 5 cores on this one are more than"
+        in await refused(third, {"cpu": {"limit": 5}})
     )
     small = {"cpu": {"limit": 1}, "memory": {"limit": "1G"}}
-    assert "gpu: 2 GPUs on alice's other active servers ('s1', 's2') and 1 GPUs on this one are more than" in await refused(
-        third, {**small, "gpu": {"limit": 1}}
+    assert (
+        "gpu: 2 GPUs on alice's other active servers ('s1', 's2') and 1 GPUs on this one are more than"
+        in await refused(third, {**small, "gpu": {"limit": 1}})
     )
     # No memory limit asked for or configured: this one counts as the per-server maximum (32G).
-    assert "memory: 32G on alice's other active servers ('s1', 's2') and 32G on this one are more than this hub's per-user total of 48G" in await refused(
-        third, {"cpu": {"limit": 1}}
+    assert (
+        "memory: 32G on alice's other active servers ('s1', 's2') and 32G on this one are more than this hub's per-user total of 48G"
+        in await refused(third, {"cpu": {"limit": 1}})
     )
     await running(user, "s3", {"cpu": {"request": 0.5, "limit": 0.5}, "memory": {"limit": "1G"}})
     fourth = make_spawner(totals(), server_name="s4", user=user)
-    assert "servers: alice already has 3 active servers ('s1', 's2', 's3'); this hub allows 3 per user" in await refused(
-        fourth, {}
+    assert (
+        "servers: alice already has 3 active servers ('s1', 's2', 's3'); this hub allows 3 per user"
+        in await refused(fourth, {})
     )
 
     first._spawn_pending = False  # stopped: no longer counted
@@ -460,7 +500,10 @@ async def test_a_server_without_a_limit_counts_as_the_per_server_maximum() -> No
     first._spawn_pending = True
     second = make_spawner(config, server_name="s2", user=first.user)
     message = await refused(second, {"cpu": {"limit": 5}, "memory": {"limit": "1G"}})
-    assert "cpu: 8 cores on alice's other active servers ('s1') and 5 cores on this one are more than this hub's per-user total of 12 cores" in message
+    assert (
+        "cpu: 8 cores on alice's other active servers ('s1') and 5 cores on this one are more than this hub's per-user total of 12 cores"
+        in message
+    )
     await start(second, {"cpu": {"limit": 4}, "memory": {"limit": "1G"}})  # 8 + 4: at the total, not over it
 
 
@@ -507,9 +550,15 @@ async def test_the_pod_gets_the_normalised_mount_path() -> None:
         pytest.param({"json": {"node_selector": {"gpu-type\n": "a100"}}}, "is not a label key", id="label-key"),
         pytest.param({"json": {"node_selector": {"gpu-type": "a100\n"}}}, "is not a label value", id="label-value"),
         pytest.param(
-            {"json": {"tolerations": [{"key": "gpu-type", "operator": "Equal", "value": "x\n"}]}}, "is not a taint value", id="taint-value"
+            {"json": {"tolerations": [{"key": "gpu-type", "operator": "Equal", "value": "x\n"}]}},
+            "is not a taint value",
+            id="taint-value",
         ),
-        pytest.param({"json": {"tolerations": [{"key": "gpu-type\n", "operator": "Exists"}]}}, "is not a taint key", id="taint-key"),
+        pytest.param(
+            {"json": {"tolerations": [{"key": "gpu-type\n", "operator": "Exists"}]}},
+            "is not a taint key",
+            id="taint-key",
+        ),
         pytest.param({"vols": [{"pvc": "claim-alice\n", "mount": "/w"}]}, "is not a PVC name", id="pvc"),
         pytest.param({"image": "quay.io/jupyter/base-notebook:2024-12-09\n"}, "is not an image name", id="image"),
     ],
@@ -538,8 +587,14 @@ def profiles() -> Config:
                 "image": {
                     "display_name": "Image",
                     "choices": {
-                        "scipy": {"display_name": "SciPy", "kubespawner_override": {"image": "quay.io/jupyter/scipy-notebook:2024-12-09"}},
-                        "r": {"display_name": "R", "kubespawner_override": {"image": "quay.io/jupyter/r-notebook:2024-12-09"}},
+                        "scipy": {
+                            "display_name": "SciPy",
+                            "kubespawner_override": {"image": "quay.io/jupyter/scipy-notebook:2024-12-09"},
+                        },
+                        "r": {
+                            "display_name": "R",
+                            "kubespawner_override": {"image": "quay.io/jupyter/r-notebook:2024-12-09"},
+                        },
                     },
                 },
                 "size": {
@@ -588,10 +643,22 @@ async def test_profile_choices_use_the_keys_kubespawner_reads() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        pytest.param({"profile": "gpu"}, "profile: 'gpu' is not one of this hub's profiles (datascience, plain)", id="unknown-profile"),
-        pytest.param({"size": "huge"}, "size: 'huge' is not a choice of profile 'datascience' (small, large)", id="unknown-choice"),
+        pytest.param(
+            {"profile": "gpu"},
+            "profile: 'gpu' is not one of this hub's profiles (datascience, plain)",
+            id="unknown-profile",
+        ),
+        pytest.param(
+            {"size": "huge"},
+            "size: 'huge' is not a choice of profile 'datascience' (small, large)",
+            id="unknown-choice",
+        ),
         pytest.param({"size--unlisted-choice": "2; rm"}, "does not match '[0-9]'", id="unlisted-prefix-match"),
-        pytest.param({"profile-option-datascience--size": "large"}, "unknown option 'profile-option-datascience--size'", id="form-field-name"),
+        pytest.param(
+            {"profile-option-datascience--size": "large"},
+            "unknown option 'profile-option-datascience--size'",
+            id="form-field-name",
+        ),
         pytest.param({"profile": "plain", "size": "large"}, "unknown option 'size'", id="option-of-another-profile"),
     ],
 )
@@ -610,16 +677,43 @@ async def test_profiles_on_a_hub_without_them_are_refused() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["GRANT_SUDO", "NB_UID", "NB_GID", "NB_USER", "CHOWN_EXTRA", "CHOWN_HOME", "LD_PRELOAD", "LD_LIBRARY_PATH",
-     "PYTHONPATH", "PYTHONSTARTUP", "PATH", "BASH_ENV", "ENV", "NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES",
-     "DOCKER_STACKS_JUPYTER_CMD", "JUPYTER_CONFIG_DIR", "http_proxy"],
+    [
+        "GRANT_SUDO",
+        "NB_UID",
+        "NB_GID",
+        "NB_USER",
+        "CHOWN_EXTRA",
+        "CHOWN_HOME",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "PYTHONPATH",
+        "PYTHONSTARTUP",
+        "PATH",
+        "BASH_ENV",
+        "ENV",
+        "NVIDIA_VISIBLE_DEVICES",
+        "CUDA_VISIBLE_DEVICES",
+        "DOCKER_STACKS_JUPYTER_CMD",
+        "JUPYTER_CONFIG_DIR",
+        "http_proxy",
+    ],
 )
 async def test_variables_that_give_root_in_the_container_are_refused_by_default(name: str) -> None:
-    assert f"env.{name}: is not a variable this hub lets callers set" in await refused(make_spawner(), {"env": {name: "0"}})
+    assert f"env.{name}: is not a variable this hub lets callers set" in await refused(
+        make_spawner(), {"env": {name: "0"}}
+    )
 
 
 @pytest.mark.parametrize(
-    "mount", ["/usr/local/bin/before-notebook.d", "/usr/local/bin/start-notebook.d", "/etc/sudoers.d", "/opt/conda/lib", "/root", "//usr/local/bin"]
+    "mount",
+    [
+        "/usr/local/bin/before-notebook.d",
+        "/usr/local/bin/start-notebook.d",
+        "/etc/sudoers.d",
+        "/opt/conda/lib",
+        "/root",
+        "//usr/local/bin",
+    ],
 )
 async def test_mounts_over_system_directories_are_refused_by_default(mount: str) -> None:
     message = await refused(make_spawner(), {"vols": [{"pvc": "claim-alice", "mount": mount}]})

@@ -52,7 +52,9 @@ def make_spawner(
 ) -> Any:
     """A spawner for ``username``'s server ``server_name``; give ``user`` to share one user's servers."""
     if user is None:
-        user = SimpleNamespace(name=username, id=7, url=f"/user/{username}/", escaped_name=username, groups=[], spawners={})
+        user = SimpleNamespace(
+            name=username, id=7, url=f"/user/{username}/", escaped_name=username, groups=[], spawners={}
+        )
     hub = SimpleNamespace(
         url="http://hub:8081/hub/", api_url="http://hub:8081/hub/api", base_url="/hub/", public_host="", server=None
     )
@@ -192,7 +194,9 @@ async def test_two_starts_in_a_row_give_independent_manifests() -> None:
     config = policy()
     config.KubeSpawner.image = "quay.io/jupyter/base-notebook:default"
     config.KubeSpawner.environment = {"SITE": "hub"}
-    config.KubeSpawner.tolerations = [{"key": "hub.jupyter.org/dedicated", "operator": "Equal", "value": "user", "effect": "NoSchedule"}]
+    config.KubeSpawner.tolerations = [
+        {"key": "hub.jupyter.org/dedicated", "operator": "Equal", "value": "user", "effect": "NoSchedule"}
+    ]
     spawner = make_spawner(config)
 
     first = await start(spawner, FULL)
@@ -271,7 +275,9 @@ async def test_allow_token_in_url_reaches_the_server_environment() -> None:
 
 HOSTILE = [
     pytest.param({"privileged": True}, "unknown option 'privileged'", id="privileged"),
-    pytest.param({"json": {"privileged": True}}, "json.privileged: is not an option this hub allows", id="json-privileged"),
+    pytest.param(
+        {"json": {"privileged": True}}, "json.privileged: is not an option this hub allows", id="json-privileged"
+    ),
     pytest.param({"cmd": ["/bin/sh"]}, "unknown option 'cmd'", id="cmd"),
     pytest.param({"json": {"cmd": ["/bin/sh"]}}, "json.cmd: is not an option", id="json-cmd"),
     pytest.param({"uid": 0}, "unknown option 'uid'", id="uid"),
@@ -281,31 +287,45 @@ HOSTILE = [
         {"vols": [{"hostPath": "/", "mount": "/host"}]}, "vols[0]: unknown field 'hostPath'", id="hostPath-vol"
     ),
     pytest.param(
-        {"json": {"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}}, "json.volumes: is not an option", id="hostPath-json"
+        {"json": {"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}},
+        "json.volumes: is not an option",
+        id="hostPath-json",
     ),
     pytest.param(
-        {"vols": [{"pvc": "claim-bob", "mount": "/bob"}]}, "'claim-bob' is not a claim this user may mount", id="other-pvc"
+        {"vols": [{"pvc": "claim-bob", "mount": "/bob"}]},
+        "'claim-bob' is not a claim this user may mount",
+        id="other-pvc",
     ),
     pytest.param(
         {"vols": [{"pvc": "claim-alice", "mount": "/a/{username}"}]}, "must not contain braces", id="braces-in-mount"
     ),
-    pytest.param({"vols": [{"pvc": "claim-alice", "mount": "/a", "subpath": "../bob"}]}, "must not contain '..'", id="subpath-escape"),
     pytest.param(
-        {"env": {"JUPYTERHUB_API_URL": "http://evil/"}}, "env.JUPYTERHUB_API_URL: is set by JupyterHub", id="api-url-env"
+        {"vols": [{"pvc": "claim-alice", "mount": "/a", "subpath": "../bob"}]},
+        "must not contain '..'",
+        id="subpath-escape",
+    ),
+    pytest.param(
+        {"env": {"JUPYTERHUB_API_URL": "http://evil/"}},
+        "env.JUPYTERHUB_API_URL: is set by JupyterHub",
+        id="api-url-env",
     ),
     pytest.param({"env": {"JPY_API_TOKEN": "x"}}, "env.JPY_API_TOKEN: is set by JupyterHub", id="jpy-env"),
     pytest.param({"env": {"MEM_LIMIT": "1"}}, "env.MEM_LIMIT: is set by the spawner", id="mem-limit-env"),
     pytest.param({"image": "docker.io/evil/miner:latest"}, "is not one of the images this hub allows", id="image"),
     pytest.param({"cpu": {"limit": 64}}, "cpu.limit: 64 is more than this hub's maximum of 8 cores", id="cpu-max"),
     pytest.param({"cpu": {"request": 4, "limit": 2}}, "cpu: request (4) is more than limit (2)", id="cpu-order"),
-    pytest.param({"memory": {"limit": "64G"}}, "memory.limit: '64G' is more than this hub's maximum of 32G", id="memory-max"),
+    pytest.param(
+        {"memory": {"limit": "64G"}}, "memory.limit: '64G' is more than this hub's maximum of 32G", id="memory-max"
+    ),
     pytest.param({"memory": {"limit": "{username}G"}}, "'{username}G' is not a memory quantity", id="quantity-brace"),
     pytest.param({"memory": {"limit": "1G{"}}, "is not a memory quantity", id="quantity-trailing-brace"),
     pytest.param({"cpu": {"limit": "{2}"}}, "cpu.limit: '{2}' is not a number", id="cpu-brace"),
     pytest.param({"gpu": {"request": 1, "limit": 2}}, "must be equal", id="gpu-unequal"),
     pytest.param({"gpu": {"limit": 4}}, "gpu: 4 is more than this hub's maximum of 2", id="gpu-max"),
     pytest.param(
-        {"json": {"tolerations": [{"operator": "Exists"}]}}, "a toleration without a key tolerates every taint", id="tolerate-all"
+        {"json": {"tolerations": [{"operator": "Exists"}]}},
+        "a toleration without a key tolerates every taint",
+        id="tolerate-all",
     ),
 ]
 
@@ -371,7 +391,9 @@ async def test_without_the_hook_start_refuses_before_talking_to_kubernetes() -> 
 
 
 async def test_pvc_patterns_use_the_kubespawner_username_slug() -> None:
-    pod = await start(make_spawner(username="bob.smith@x.org"), {"vols": [{"pvc": make_slug_claim("bob.smith@x.org"), "mount": "/w"}]})
+    pod = await start(
+        make_spawner(username="bob.smith@x.org"), {"vols": [{"pvc": make_slug_claim("bob.smith@x.org"), "mount": "/w"}]}
+    )
     assert claim(volumes_of(pod)[mounts_of(pod)["/w"][0]]) == make_slug_claim("bob.smith@x.org")
 
 
@@ -393,7 +415,9 @@ async def test_profile_options_are_left_to_kubespawner() -> None:
 # -- Zero to JupyterHub example -------------------------------------------------------------------
 
 
-def test_z2jh_example_loads_the_single_file_spawner_with_its_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_z2jh_example_loads_the_single_file_spawner_with_its_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     values = yaml.safe_load((ROOT / "examples" / "z2jh-values.yaml").read_text())
     hub = values["hub"]
     assert hub["services"]["launcher"]["apiToken"]
@@ -405,7 +429,7 @@ def test_z2jh_example_loads_the_single_file_spawner_with_its_policy(tmp_path: Pa
     (tmp_path / mount.name).write_text((ROOT / "consumer" / "spawner.py").read_text())
     monkeypatch.setattr(sys, "path", list(sys.path))
     c = Config()
-    exec(compile(hub["extraConfig"]["launcher"], "extraConfig", "exec"), {"c": c})
+    exec(compile(hub["extraConfig"]["launcher"], "extraConfig", "exec"), {"c": c})  # noqa: S102 (our own chart values)
     assert sys.path[0] == str(mount.parent)
     assert c.JupyterHub.tornado_settings.get_value({"slow_spawn_timeout": 0}) == {"slow_spawn_timeout": 10}
     module_name, class_name = c.JupyterHub.spawner_class.rsplit(".", 1)
@@ -460,7 +484,11 @@ LOADED = "import json, sys; {imports}; print(json.dumps(sorted(m.split('.')[0] f
 
 def loaded_modules(imports: str, cwd: Path) -> set[str]:
     out = subprocess.run(
-        [sys.executable, "-I", "-c", LOADED.format(imports=imports)], cwd=cwd, capture_output=True, text=True, check=True
+        [sys.executable, "-I", "-c", LOADED.format(imports=imports)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return set(json.loads(out))
 
@@ -493,7 +521,9 @@ async def test_the_readmes_launch_command_runs_against_the_z2jh_example_policy()
         config[section].update(settings)
     launch = next(c for c in readme_commands() if c["action"] == "launch")
     command = LaunchCommand.model_validate(launch)
-    pod = await start(make_spawner(config, username=command.username, server_name=command.server_name), command.user_options())
+    pod = await start(
+        make_spawner(config, username=command.username, server_name=command.server_name), command.user_options()
+    )
     assert container(pod).image == launch["image"]
     assert container(pod).resources.limits["nvidia.com/gpu"] == "1"
     assert env_of(pod)["COURSE"] == "ml-101"

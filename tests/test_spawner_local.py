@@ -38,7 +38,7 @@ def load_example() -> Config:
     config = Config()
     example_env = {"LAUNCHER_JUPYTERHUB_API_TOKEN": "example-token", "LAUNCHER_SPAWNER_SIGNING_KEY": "example-key"}
     with mock.patch.dict(os.environ, example_env):
-        exec(compile(EXAMPLE.read_text(), str(EXAMPLE), "exec"), {"get_config": lambda: config})
+        exec(compile(EXAMPLE.read_text(), str(EXAMPLE), "exec"), {"get_config": lambda: config})  # noqa: S102 (our example)
     return config
 
 
@@ -105,12 +105,12 @@ async def hub_api(hub: LocalHub) -> AsyncIterator[HubClient]:
 
 async def process_env(result: dict[str, Any]) -> dict[str, str]:
     """The single-user process's environment, as the stand-in server reports it."""
-    async with aiohttp.ClientSession() as http:
-        async with http.get(
-            result["url"] + "api/launcher-env", headers={"Authorization": f"token {result['token']}"}
-        ) as response:
-            assert response.status == 200
-            return await response.json()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(result["url"] + "api/launcher-env", headers={"Authorization": f"token {result['token']}"}) as response,
+    ):
+        assert response.status == 200
+        return await response.json()
 
 
 # -- options reach the process ----------------------------------------------------------------------
@@ -167,21 +167,45 @@ async def test_an_allowed_json_option_reaches_the_process(policy_hub: LocalHub, 
 # Options our schema lets through (it cannot know the hub's policy): the hub refuses them and the
 # consumer answers options_rejected with the hub's message.
 POLICY = [
-    pytest.param({"image": "docker.io/evil/miner:latest"}, "image: 'docker.io/evil/miner:latest' is not one of the images this hub allows", id="image"),
+    pytest.param(
+        {"image": "docker.io/evil/miner:latest"},
+        "image: 'docker.io/evil/miner:latest' is not one of the images this hub allows",
+        id="image",
+    ),
     pytest.param({"cpu": {"limit": 64}}, "cpu.limit: 64 is more than this hub's maximum of 4 cores", id="cpu-max"),
-    pytest.param({"memory": {"limit": "64G"}}, "memory.limit: '64G' is more than this hub's maximum of 16G", id="memory-max"),
-    pytest.param({"vols": [{"pvc": "claim-bob", "mount": "/bob"}]}, "vols[0].pvc: 'claim-bob' is not a claim this user may mount", id="other-pvc"),
-    pytest.param({"json": {"privileged": True}}, "json.privileged: is not an option this hub allows (allowed: default_url)", id="json-privileged"),
+    pytest.param(
+        {"memory": {"limit": "64G"}}, "memory.limit: '64G' is more than this hub's maximum of 16G", id="memory-max"
+    ),
+    pytest.param(
+        {"vols": [{"pvc": "claim-bob", "mount": "/bob"}]},
+        "vols[0].pvc: 'claim-bob' is not a claim this user may mount",
+        id="other-pvc",
+    ),
+    pytest.param(
+        {"json": {"privileged": True}},
+        "json.privileged: is not an option this hub allows (allowed: default_url)",
+        id="json-privileged",
+    ),
     pytest.param({"json": {"cmd": ["/bin/sh"]}}, "json.cmd: is not an option this hub allows", id="json-cmd"),
     pytest.param({"json": {"uid": 0}}, "json.uid: is not an option this hub allows", id="json-uid"),
     pytest.param(
-        {"json": {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]}}, "json.volumes: is not an option this hub allows", id="json-hostPath"
+        {"json": {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]}},
+        "json.volumes: is not an option this hub allows",
+        id="json-hostPath",
     ),
     pytest.param({"gpu": {"limit": 3}}, "gpu: 3 is more than this hub's maximum of 2", id="gpu-max"),
-    pytest.param({"env": {"GRANT_SUDO": "yes"}}, "env.GRANT_SUDO: is not a variable this hub lets callers set", id="grant-sudo"),
-    pytest.param({"env": {"LD_PRELOAD": "/tmp/x.so"}}, "env.LD_PRELOAD: is not a variable this hub lets callers set", id="ld-preload"),
     pytest.param(
-        {"env": {"NVIDIA_VISIBLE_DEVICES": "all"}}, "env.NVIDIA_VISIBLE_DEVICES: is not a variable this hub lets", id="all-gpus"
+        {"env": {"GRANT_SUDO": "yes"}}, "env.GRANT_SUDO: is not a variable this hub lets callers set", id="grant-sudo"
+    ),
+    pytest.param(
+        {"env": {"LD_PRELOAD": "/tmp/x.so"}},
+        "env.LD_PRELOAD: is not a variable this hub lets callers set",
+        id="ld-preload",
+    ),
+    pytest.param(
+        {"env": {"NVIDIA_VISIBLE_DEVICES": "all"}},
+        "env.NVIDIA_VISIBLE_DEVICES: is not a variable this hub lets",
+        id="all-gpus",
     ),
     pytest.param(
         {"vols": [{"pvc": "claim-alice-smith---63425827", "mount": "/x"}]},
@@ -209,16 +233,29 @@ SCHEMA_AND_HUB = [
     pytest.param({"privileged": True}, "unknown option 'privileged'", id="privileged"),
     pytest.param({"cmd": ["/bin/sh"]}, "unknown option 'cmd'", id="cmd"),
     pytest.param({"uid": 0}, "unknown option 'uid'", id="uid"),
-    pytest.param({"vols": [{"hostPath": "/", "mount": "/host"}]}, "vols[0]: unknown field 'hostPath'", id="hostPath-vol"),
-    pytest.param({"env": {"JUPYTERHUB_API_URL": "http://evil.example/hub/api"}}, "env.JUPYTERHUB_API_URL: is set by JupyterHub", id="api-url-env"),
-    pytest.param({"memory": {"limit": "{username}G"}}, "memory.limit: '{username}G' is not a memory quantity", id="quantity-brace"),
+    pytest.param(
+        {"vols": [{"hostPath": "/", "mount": "/host"}]}, "vols[0]: unknown field 'hostPath'", id="hostPath-vol"
+    ),
+    pytest.param(
+        {"env": {"JUPYTERHUB_API_URL": "http://evil.example/hub/api"}},
+        "env.JUPYTERHUB_API_URL: is set by JupyterHub",
+        id="api-url-env",
+    ),
+    pytest.param(
+        {"memory": {"limit": "{username}G"}},
+        "memory.limit: '{username}G' is not a memory quantity",
+        id="quantity-brace",
+    ),
     pytest.param({"cpu": {"limit": "{1}"}}, "cpu.limit: '{1}' is not a number", id="cpu-brace"),
 ]
 
 
 @pytest.mark.parametrize(("options", "message"), SCHEMA_AND_HUB)
 async def test_hostile_options_are_refused_by_the_consumer_schema(
-    policy_hub: LocalHub, username: str, options: dict[str, Any], message: str  # noqa: ARG001 (the hub's message)
+    policy_hub: LocalHub,
+    username: str,
+    options: dict[str, Any],
+    message: str,  # message: the hub's, unused here
 ) -> None:
     async with launcher(policy_hub) as client:
         reply = await client.call({"action": "launch", "username": username, "image": "standin", **options})
@@ -234,16 +271,22 @@ async def test_hostile_options_posted_straight_to_the_hub_get_400_with_the_reaso
         await api.ensure_user(username)
         with pytest.raises(HubError) as raised:
             # Signed as the launcher signs: the policy, not the signature, refuses them.
-            await api.start_server(username, "", signed_options(policy_hub.signing_key, username, "", {"image": "standin", **options}))
+            await api.start_server(
+                username, "", signed_options(policy_hub.signing_key, username, "", {"image": "standin", **options})
+            )
         assert raised.value.status == 400
         assert message in raised.value.message
         assert await api.get_server(username) is None
 
 
-async def test_without_the_hook_a_violation_fails_the_spawn_with_the_reason(hookless_hub: LocalHub, username: str) -> None:
+async def test_without_the_hook_a_violation_fails_the_spawn_with_the_reason(
+    hookless_hub: LocalHub, username: str
+) -> None:
     """JupyterHub < 5.3: start() applies the options, the spawn fails, the progress says why."""
     async with launcher(hookless_hub) as client:
-        refused = await client.call({"action": "launch", "username": username, "image": "standin", "cpu": {"limit": 64}})
+        refused = await client.call(
+            {"action": "launch", "username": username, "image": "standin", "cpu": {"limit": 64}}
+        )
         accepted = await client.call(
             {"action": "launch", "username": username, "server_name": "ok", "image": "standin", "cpu": {"limit": 3}}
         )
@@ -273,9 +316,11 @@ async def test_when_the_hub_answers_at_once_a_violation_still_reaches_the_caller
 
 
 async def status_with_token_in_url(result: dict[str, Any]) -> int:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(result["url"] + f"api/status?token={result['token']}", allow_redirects=False) as response:
-            return response.status
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(result["url"] + f"api/status?token={result['token']}", allow_redirects=False) as response,
+    ):
+        return response.status
 
 
 async def test_token_in_url_opens_the_server_only_when_the_hub_allows_it(
@@ -333,12 +378,14 @@ async def as_user(hub: LocalHub, username: str) -> AsyncIterator[aiohttp.ClientS
     the tests' service makes users."""
     async with hub_api(hub) as api:
         await api.ensure_user(username)
-    async with aiohttp.ClientSession(headers={"Authorization": f"token {hub.token}"}) as service:
-        async with service.post(
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"token {hub.token}"}) as service,
+        service.post(
             f"{hub.api_url}/users/{username}/tokens", json={"expires_in": 600, "note": "test: the user's own token"}
-        ) as response:
-            assert response.status == 201, await response.text()
-            token = (await response.json())["token"]
+        ) as response,
+    ):
+        assert response.status == 201, await response.text()
+        token = (await response.json())["token"]
     async with aiohttp.ClientSession(headers={"Authorization": f"token {token}"}) as session:
         async with session.get(f"{hub.api_url}/user") as response:
             assert response.status == 200
@@ -348,7 +395,9 @@ async def as_user(hub: LocalHub, username: str) -> AsyncIterator[aiohttp.ClientS
         yield session
 
 
-async def post_start(session: aiohttp.ClientSession, hub: LocalHub, username: str, server: str, body: Any) -> tuple[int, str]:
+async def post_start(
+    session: aiohttp.ClientSession, hub: LocalHub, username: str, server: str, body: Any
+) -> tuple[int, str]:
     path = f"{hub.api_url}/users/{username}/server" + (f"s/{server}" if server else "")
     async with session.post(path, data=None if body is None else json.dumps(body)) as response:
         text = await response.text()
@@ -358,12 +407,18 @@ async def post_start(session: aiohttp.ClientSession, hub: LocalHub, username: st
 # What the security review got past the spawner with a user's own token.
 OWN_TOKEN = [
     pytest.param({"image": "docker.io/evil/miner:latest"}, id="image"),
-    pytest.param({"image": "standin", "cpu": {"limit": 512}, "memory": {"limit": "4T"}, "gpu": {"limit": 64}}, id="maxima"),
+    pytest.param(
+        {"image": "standin", "cpu": {"limit": 512}, "memory": {"limit": "4T"}, "gpu": {"limit": 64}}, id="maxima"
+    ),
     pytest.param({"image": "standin", "env": {"NVIDIA_VISIBLE_DEVICES": "all"}}, id="all-gpus"),
     pytest.param({"image": "standin", "env": {"GRANT_SUDO": "yes", "NB_UID": "0"}}, id="root"),
     pytest.param({"image": "standin", "env": {"MEM_LIMIT\n": "1"}}, id="newline"),
-    pytest.param({"image": "standin", "vols": [{"pvc": "claim-alice-smith---63425827", "mount": "/x"}]}, id="slug-claim"),
-    pytest.param({"image": "standin", "vols": [{"pvc": "claim-x", "mount": "//usr/local/bin/before-notebook.d"}]}, id="mount"),
+    pytest.param(
+        {"image": "standin", "vols": [{"pvc": "claim-alice-smith---63425827", "mount": "/x"}]}, id="slug-claim"
+    ),
+    pytest.param(
+        {"image": "standin", "vols": [{"pvc": "claim-x", "mount": "//usr/local/bin/before-notebook.d"}]}, id="mount"
+    ),
     pytest.param({"image": "standin"}, id="even-allowed-options"),
 ]
 
@@ -374,7 +429,10 @@ async def test_a_user_posting_options_with_their_own_token_gets_400(
 ) -> None:
     async with as_user(hub, username) as session:
         status, message = await post_start(session, hub, username, "", options)
-        assert (status, message) == (400, "this hub applies only options signed by its launcher; start without options for the defaults")
+        assert (status, message) == (
+            400,
+            "this hub applies only options signed by its launcher; start without options for the defaults",
+        )
         status, message = await post_start(session, hub, username, "", {"user_options": options, "display_name": "x"})
         assert status == 400 and "signed by its launcher" in message
     async with hub_api(hub) as api:
@@ -402,7 +460,11 @@ async def test_a_user_starts_their_own_server_without_options_and_gets_the_defau
     )
     assert launched["ok"] is True, launched
     async with hub_api(hub) as api:
-        assert (await api.get_server(username) or {})["user_options"] == {"image": "standin", "cpu": {"limit": 2.0}, "env": {"FIRST": "1"}}
+        assert (await api.get_server(username) or {})["user_options"] == {
+            "image": "standin",
+            "cpu": {"limit": 2.0},
+            "env": {"FIRST": "1"},
+        }
     assert (await client.call({"action": "remove", "username": username}))["ok"]
 
     async with as_user(hub, username) as session:
@@ -461,6 +523,8 @@ async def test_the_readmes_commands_run_against_the_example_configuration(policy
     async with launcher(policy_hub) as client:
         for command in commands:
             # The README's user, here a fresh one: the example's claim is the user's own.
-            text = json.dumps(command).replace('"alice"', json.dumps(username)).replace("claim-alice", f"claim-{username}")
+            text = (
+                json.dumps(command).replace('"alice"', json.dumps(username)).replace("claim-alice", f"claim-{username}")
+            )
             reply = await client.call(json.loads(text), timeout=120)
             assert reply["ok"] is True, (command["action"], reply)

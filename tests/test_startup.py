@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -55,7 +56,13 @@ def run_launcher(env: dict[str, str], cwd: Path, timeout: float = 120) -> tuple[
     """Exit code, stderr lines, seconds taken (printed, not asserted: the machine is shared)."""
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "consumer", "run"], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "consumer", "run"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     took = time.monotonic() - started
     print(f"launcher exited {done.returncode} after {took:.2f} s:\n{done.stderr}")
@@ -130,7 +137,7 @@ class SilentBroker:
     def __init__(self) -> None:
         self.connected = asyncio.Event()
 
-    async def __aenter__(self) -> SilentBroker:
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._hold, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self

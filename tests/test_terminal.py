@@ -4,6 +4,7 @@ service, broker and hub."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import fcntl
 import json
@@ -40,7 +41,9 @@ async def in_pty(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, 
     """Run the CLI with a pseudo-terminal as stdin, stdout and stderr: (exit status, all it wrote)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 140, 0, 0))
-    process = await asyncio.create_subprocess_exec(*CLI, *args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd)
+    process = await asyncio.create_subprocess_exec(
+        *CLI, *args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd
+    )
     os.close(slave)
     chunks: list[bytes] = []
     closed = asyncio.Event()
@@ -69,7 +72,13 @@ async def in_pty(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, 
 
 async def piped(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        *CLI, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd
+        *CLI,
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=cwd,
     )
     out, err = await asyncio.wait_for(process.communicate(), 180)
     assert process.returncode is not None
@@ -79,7 +88,9 @@ async def piped(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, s
 async def test_launch_in_a_terminal_shows_the_hubs_progress_then_the_url_and_token(
     service: None, settings: Settings, username: str, tmp_path: Path
 ) -> None:
-    status, output = await in_pty(["launch", "-u", username, "-i", "standin:slow-2", "--cpu", "1:2"], cli_env(settings), tmp_path)
+    status, output = await in_pty(
+        ["launch", "-u", username, "-i", "standin:slow-2", "--cpu", "1:2"], cli_env(settings), tmp_path
+    )
 
     assert status == 0, output
     assert "Spawning server" in output  # the hub's own progress message, on the live bar
@@ -101,7 +112,9 @@ async def test_piped_json_prints_the_whole_reply_and_plain_runs_print_lines(
     service: None, settings: Settings, username: str, tmp_path: Path
 ) -> None:
     env = cli_env(settings)
-    status, out, err = await piped(["launch", "-u", username, "--server", "lab", "-i", "standin", "--memory", "256M:1G", "--json"], env, tmp_path)
+    status, out, err = await piped(
+        ["launch", "-u", username, "--server", "lab", "-i", "standin", "--memory", "256M:1G", "--json"], env, tmp_path
+    )
     assert status == 0, err
     reply = json.loads(out)
     assert reply["ok"] is True and reply["action"] == "launch"
@@ -165,7 +178,9 @@ async def test_watch_prints_one_line_per_matching_event(
         (["read", "-u", "alice", "--server", "Lab_1"], "argument --server"),
     ],
 )
-async def test_bad_arguments_are_named_and_nothing_is_sent(args: list[str], named: str, settings: Settings, tmp_path: Path) -> None:
+async def test_bad_arguments_are_named_and_nothing_is_sent(
+    args: list[str], named: str, settings: Settings, tmp_path: Path
+) -> None:
     # A broker URL where nothing listens: had the client tried to connect, the status would be 14.
     env = cli_env(settings, amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/")
     status, out, err = await piped(args, env, tmp_path)
@@ -183,7 +198,15 @@ async def test_no_command_queue_and_no_broker_have_their_own_exit_statuses(setti
 
 
 def test_durations_read_like_people_write_them() -> None:
-    assert [duration(d) for d in ("90", "90s", "15m", "2h", "1d", "1h30m", "1.5h")] == [90, 90, 900, 7200, 86400, 5400, 5400]
+    assert [duration(d) for d in ("90", "90s", "15m", "2h", "1d", "1h30m", "1.5h")] == [
+        90,
+        90,
+        900,
+        7200,
+        86400,
+        5400,
+        5400,
+    ]
     for bad in ("", "2x", "h", "0", "1h2", "-5"):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError):
             duration(bad)

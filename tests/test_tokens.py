@@ -42,7 +42,9 @@ async def test_failed_launches_leave_no_valid_launcher_token(
     # start is refused; the hub creates the token whether or not its answer is awaited.
     someone_elses = [{"pvc": f"claim-{username}x", "mount": "/data"}]
     for _ in range(10):
-        rejected = await client.call({"action": "launch", "username": username, "image": "standin", "vols": someone_elses})
+        rejected = await client.call(
+            {"action": "launch", "username": username, "image": "standin", "vols": someone_elses}
+        )
         assert rejected["error"]["code"] == "options_rejected", rejected
     assert await launcher_tokens(hub_api, username) == []
 

@@ -66,8 +66,13 @@ class ScriptedHub:
     async def user(self, request: web.Request) -> web.Response:
         self.model_reads += 1
         ready = self.model_reads >= self.polls_until_ready
-        server = {"name": "", "ready": ready, "pending": None if ready else "spawn", "url": "/user/bob/",
-                  "user_options": getattr(self, "options", {})}
+        server = {
+            "name": "",
+            "ready": ready,
+            "pending": None if ready else "spawn",
+            "url": "/user/bob/",
+            "user_options": getattr(self, "options", {}),
+        }
         return web.json_response({"name": "bob", "servers": {"": server} if self.started else {}})
 
 

@@ -75,8 +75,10 @@ async def demo(hub: LocalHub) -> None:
         "LAUNCHER_EVENTS_EXCHANGE": EXCHANGES[1],
     }
     # Its own session: Ctrl-C reaches the demo only, which removes the server before stopping it.
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "consumer", "run", "--config", str(ROOT / "config.yaml")], env=env, start_new_session=True
+    launcher = subprocess.Popen(  # noqa: ASYNC220 (only forks: returns at once)
+        [sys.executable, "-m", "consumer", "run", "--config", str(ROOT / "config.yaml")],
+        env=env,
+        start_new_session=True,
     )
     stop, body = asyncio.Event(), asyncio.current_task()
     assert body is not None
@@ -111,9 +113,11 @@ async def demo(hub: LocalHub) -> None:
                 print(f">>> launch failed: {reply['error']}", flush=True)
                 return
             url, token = reply["result"]["url"], reply["result"]["token"]
-            async with aiohttp.ClientSession() as http:
-                async with http.get(url + "api/status", headers={"Authorization": f"token {token}"}) as r:
-                    status = r.status
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(url + "api/status", headers={"Authorization": f"token {token}"}) as r,
+            ):
+                status = r.status
             print(
                 f"\n>>> notebook URL: {url}\n>>> token:        {token}\n"
                 f">>> check it:     curl -H 'Authorization: token {token}' {url}api/status   (answered {status})\n"

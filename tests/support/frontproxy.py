@@ -17,6 +17,7 @@ import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Self
 
 from tests.support.localhub import find_proxy, free_port
 
@@ -35,8 +36,19 @@ class FrontProxy:
 
     def start(self, routed: bool = True, timeout: float = 30) -> FrontProxy:
         self.process = subprocess.Popen(
-            [find_proxy(), "--ip", "127.0.0.1", "--port", str(self.port), "--api-ip", "127.0.0.1",
-             "--api-port", str(self.api_port), "--log-level", "warn"],
+            [
+                find_proxy(),
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--api-ip",
+                "127.0.0.1",
+                "--api-port",
+                str(self.api_port),
+                "--log-level",
+                "warn",
+            ],
             env={**os.environ, "CONFIGPROXY_AUTH_TOKEN": self.token},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -80,7 +92,7 @@ class FrontProxy:
         self.stop()
         self.start(routed=routed)
 
-    def __enter__(self) -> FrontProxy:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -16,7 +16,7 @@ import urllib.request
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).with_name("jupyterhub_config.py")
@@ -134,7 +134,7 @@ class LocalHub:
         # on the same state, and tests read its log after it stopped. LOCALHUB_KEEP=1 keeps it.
         self._remove_state = weakref.finalize(self, _remove_state_dir, self.state_dir)
 
-    def __enter__(self) -> LocalHub:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

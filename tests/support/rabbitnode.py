@@ -12,6 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from tests.support.localhub import free_port
 
@@ -62,13 +63,19 @@ class RabbitNode:
         raise RuntimeError(f"RabbitMQ node {self.name} did not listen on {self.port} within {timeout} s")
 
     def stop(self) -> None:
-        subprocess.run([BIN / "rabbitmqctl", "-n", self.name, "stop", str(self.base / "pid")], env=self._env(), capture_output=True, timeout=120)
+        subprocess.run(
+            [BIN / "rabbitmqctl", "-n", self.name, "stop", str(self.base / "pid")],
+            env=self._env(),
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
 
     def restart(self) -> None:
         self.stop()
         self.start()
 
-    def __enter__(self) -> RabbitNode:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

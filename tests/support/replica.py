@@ -44,7 +44,13 @@ class Replica:
         }
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "consumer", "run", cwd=ROOT / "tests", env=env, stderr=log,
+                sys.executable,
+                "-m",
+                "consumer",
+                "run",
+                cwd=ROOT / "tests",
+                env=env,
+                stderr=log,
                 stdout=log,
             )
         return self

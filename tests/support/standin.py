@@ -16,11 +16,9 @@ from urllib.parse import urlsplit
 
 
 class Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:  # http.server's naming
         if self.path.rstrip("/").endswith("/api/launcher-env"):
-            body = json.dumps(
-                {k: v for k, v in os.environ.items() if "TOKEN" not in k and "SECRET" not in k}
-            ).encode()
+            body = json.dumps({k: v for k, v in os.environ.items() if "TOKEN" not in k and "SECRET" not in k}).encode()
         else:
             body = b'{"standin": true}'
         self.send_response(200)
