@@ -52,9 +52,9 @@ def make_settings(hub: LocalHub, **overrides: Any) -> Settings:
     return Settings.model_validate(values)
 
 
-async def delete_topology(settings: Settings) -> None:
+async def delete_topology(settings: Settings, amqp_url: str = AMQP_URL) -> None:
     """Quorum queues are Raft clusters: left behind, hundreds of them load the broker."""
-    connection = await aio_pika.connect(AMQP_URL)
+    connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
         for queue in (settings.command_queue, settings.dead_letter_queue, settings.answers_queue):

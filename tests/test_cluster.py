@@ -15,7 +15,7 @@ import aio_pika
 import pytest
 
 from consumer.config import Settings
-from tests.conftest import make_settings, unique
+from tests.conftest import delete_topology, make_settings, unique
 from tests.support.cluster import Cluster
 from tests.support.localhub import LocalHub
 from tests.support.replica import Replica
@@ -81,16 +81,6 @@ async def queue_depth(url: str, name: str) -> int:
         channel = await connection.channel()
         queue = await channel.declare_queue(name, passive=True)
         return queue.declaration_result.message_count or 0
-
-
-async def delete_cluster_topology(url: str, settings: Settings) -> None:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        for queue in (settings.command_queue, settings.dead_letter_queue, settings.answers_queue):
-            await channel.queue_delete(queue)
-        for exchange in (settings.reply_exchange, settings.events_exchange, settings.dead_letter_exchange):
-            await channel.exchange_delete(exchange)
 
 
 class Probe:
@@ -219,4 +209,4 @@ async def test_launches_in_flight_survive_losing_the_queue_leaders_node_then_the
             assert all(r["ok"] for r in removes)
     finally:
         await replica.stop()
-        await delete_cluster_topology(cluster.url, settings)
+        await delete_topology(settings, cluster.url)
