@@ -9,6 +9,12 @@ catches up first. It publishes a marker to the stream and reads, from where the 
 stopped (at first from ``WINDOW`` seconds ago), until the marker comes back, so everything written
 before is read; a recorded result is then sent again instead of running the launch. The many
 redeliveries of a failover share catch-ups. Knows AMQP only.
+
+After a lost connection, redeliveries can arrive as soon as the command consumer is restored, while
+the journal's own channel is still being reopened (aio-pika restores channels one after another): a
+catch-up waits for its channel (``RobustChannel.ready()``) and tries again, for up to
+``RESTORE_WAIT`` seconds in all. Running the launch again instead would answer with a new token
+while its caller may hold the first answer.
 """
 
 from __future__ import annotations
@@ -42,6 +48,12 @@ ARGUMENTS: FieldTable = {
     "x-stream-max-segment-size-bytes": 8_000_000,
 }
 CATCH_UP_TIMEOUT = 10.0
+# How long a redelivered launch waits, in all, for the journal to be read (its channel restored after
+# a lost connection, a catch-up cut short retried) before it runs again. A robust connection comes
+# back within a second or two when a broker node is left; a broker gone for longer than this
+# means the launch runs again and answers anew (the token-hygiene rule revokes the first token).
+RESTORE_WAIT = 30.0
+RETRY_PAUSE = 0.25
 
 
 @dataclass(frozen=True)
@@ -71,12 +83,25 @@ class Journal:
         """The result recorded for ``command_id``, after reading everything written before this call;
         None if there is none (or the stream could not be read in time: the command runs again)."""
         try:
-            await self._catch_up(asyncio.get_running_loop().time())
+            await asyncio.wait_for(self._catch_up_when_ready(asyncio.get_running_loop().time()), RESTORE_WAIT)
         except Exception as error:  # noqa: BLE001
             log.warning("answer journal not read in time (%s); the command runs again", type(error).__name__)
             return None
         entry = self.answers.get(command_id)
         return entry[1] if entry is not None else None
+
+    async def _catch_up_when_ready(self, asked: float) -> None:
+        """``_catch_up``, once the journal's channel is open, again after a failed attempt (a
+        channel not restored yet, a connection lost mid-way); bounded by the caller."""
+        assert self.channel is not None
+        while True:
+            await self.channel.ready()  # returns at once while the channel is open
+            try:
+                await self._catch_up(asked)
+                return
+            except Exception as error:  # noqa: BLE001
+                log.info("answer journal: catch-up failed (%s); trying again", type(error).__name__)
+            await asyncio.sleep(RETRY_PAUSE)
 
     async def _catch_up(self, asked: float) -> None:
         async with self.lock:
