@@ -339,6 +339,11 @@ async def spawn_slot(admission: Admission | None) -> None:
         await admission.spawn_slot()
 
 
+async def start_retried(admission: Admission | None) -> bool:
+    """``admission.start_retried()``, or False without admission control."""
+    return admission is not None and await admission.start_retried()
+
+
 def admitted_launch(
     admission: Admission | None, on_queued: Callable[[int], None]
 ) -> contextlib.AbstractAsyncContextManager[None]:
@@ -363,6 +368,7 @@ class Admission:
         self._queued: dict[int, _Queued] = {}  # ticket -> a launch whose start is not sent yet
         self._spawning: set[int] = set()  # tickets holding a spawn slot
         self._started: set[int] = set()  # tickets whose start request was sent
+        self._retrying: dict[int, asyncio.Event] = {}  # tickets whose start waits out a 429: set when resent
         self._reporter: asyncio.Task[None] | None = None
 
     @property
@@ -446,8 +452,24 @@ class Admission:
 
     async def throttled(self, retry_after: float) -> None:
         """A start was refused with 429: learn the limit, then wait for the retry (see SpawnLimit)."""
-        self.spawns.refused()
-        await self.spawns.wait_for_retry(_order.get()[1], retry_after)
+        ticket = _order.get()[1]
+        retried = self._retrying[ticket] = asyncio.Event()
+        try:
+            self.spawns.refused()
+            await self.spawns.wait_for_retry(ticket, retry_after)
+        finally:
+            del self._retrying[ticket]
+            retried.set()
+
+    async def start_retried(self) -> bool:
+        """Inside ``launch()``: while this launch's start waits out a 429, wait until it is sent
+        again (True); False at once if it is not waiting. Its progress stream cannot open before
+        (the hub answers 400, not pending), so asking for it meanwhile only costs the hub requests."""
+        retried = self._retrying.get(_order.get()[1])
+        if retried is None:
+            return False
+        await retried.wait()
+        return True
 
     def _report(self, queued: _Queued, position: int, now: float) -> None:
         if position != queued.reported:

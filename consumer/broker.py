@@ -12,6 +12,11 @@ Topology (all durable):
 - ``events_exchange`` (topic): lifecycle events, routing key = event type.
 RPC replies go to the default exchange with routing key = the command's ``reply_to``.
 
+Answers (replies, results, follow-ups) are published on a confirming channel of their own, replaced
+by a new one when the broker refuses (nacks) a publish: seen with RabbitMQ 3.10 in a cluster, a
+channel that first published to a quorum queue while that queue's leader was moving to another node
+went on being refused for every publish to it for minutes, while new channels were served at once.
+
 Replies are what callers wait for; lifecycle events only inform. Events are handed to a backlog and
 published in order by one task, on a connection of their own, so that publishing them never holds up
 a reply: a connection's frames all go through one writer task and its bounded queue, and in a burst
@@ -37,7 +42,7 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aiormq.exceptions import PublishError
+from aiormq.exceptions import DeliveryError, PublishError
 from pamqp.common import FieldTable
 from yarl import URL
 
@@ -65,6 +70,7 @@ RECONNECT_INTERVAL = 1.0
 PUBLISH_TIMEOUT = 30.0  # publishes block while the broker says the connection is blocked
 EVENT_BACKLOG = 10_000  # events waiting to be published; past it they are dropped, with a warning
 EVENT_FLUSH_TIMEOUT = 5.0  # at shutdown, how long the backlog gets to reach the broker
+ANSWER_CHANNEL_RENEWAL = 1.0  # the answer channel is replaced at most once in this many seconds
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 Render = Callable[[], bytes]  # an event's body, made when it is published
 Event = tuple[str, str | None, Render, str]  # routing key, correlation id, body, content type
@@ -82,7 +88,10 @@ class Broker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.connection: AbstractRobustConnection | None = None
-        self.channel: AbstractRobustChannel | None = None
+        self.channel: AbstractRobustChannel | None = None  # consumes commands; declares
+        self.answer_channel: AbstractRobustChannel | None = None  # publishes replies, results, follow-ups
+        self._renewing: asyncio.Task[None] | None = None
+        self._renewed_at = -ANSWER_CHANNEL_RENEWAL
         self.queue: AbstractQueue | None = None
         self.replies: AbstractExchange | None = None
         self.consumer_tag: str | None = None
@@ -100,8 +109,7 @@ class Broker:
     async def connect(self) -> None:
         s = self.settings
         self.connection = await _connect(s, f"jupyterhub-launcher {s.command_queue}")
-        # Returned (unroutable) replies raise, so a vanished reply queue is noticed, not ignored.
-        self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        self.channel = await self.connection.channel()
         assert self.channel is not None
         await self.channel.set_qos(prefetch_count=s.max_concurrency)
         dlx = await self.channel.declare_exchange(s.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
@@ -122,6 +130,7 @@ class Broker:
         # A consumer restored after a reconnect may have become a standby: active again on delivery.
         self.connection.reconnect_callbacks.add(self._became_unknown)
         self.replies = await self.channel.declare_exchange(s.reply_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        self.answer_channel = await self._answer_channel()
         journal_channel: AbstractRobustChannel = await self.connection.channel(publisher_confirms=True)
         await journal_channel.set_qos(prefetch_count=500)  # a stream consumer needs a prefetch
         stream = await self._declare_queue(s.answers_queue, journal.ARGUMENTS, journal_channel)
@@ -194,11 +203,8 @@ class Broker:
 
     async def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> bool:
         """RPC reply to ``reply_to`` (a named queue or ``amq.rabbitmq.reply-to``); False if it is gone."""
-        assert self.channel is not None
         try:
-            await _publish(
-                self.channel, "", reply_to, body, _properties("application/json", correlation_id), mandatory=True
-            )
+            await self._publish_answer("", reply_to, body, _properties("application/json", correlation_id), True)
         except PublishError:
             # Never log the error itself: it holds the returned message, token included.
             log.warning("reply queue %r does not exist; the reply exchange still has the result", reply_to)
@@ -207,19 +213,57 @@ class Broker:
 
     async def publish_command(self, body: bytes, message_type: str) -> None:
         """Queue a command of the launcher's own (a follow-up) on the command queue, durably."""
-        assert self.channel is not None
         properties = _properties("application/json", None)
         properties.message_type = message_type
         # mandatory: a follow-up with no queue to go to must fail, not vanish.
-        await _publish(self.channel, "", self.settings.command_queue, body, properties, mandatory=True)
+        await self._publish_answer("", self.settings.command_queue, body, properties, True)
 
     async def publish_result(self, routing_key: str, correlation_id: str | None, body: bytes, command_id: str) -> None:
         """The result event; with the command's id, so that the answer journal records it."""
-        assert self.channel is not None and self.replies is not None
+        assert self.replies is not None
         properties = _properties("application/json", correlation_id)
         properties.headers = {journal.COMMAND_HEADER: command_id}
         # mandatory=False: nobody need be subscribed to results.
-        await _publish(self.channel, self.replies.name, routing_key, body, properties, mandatory=False)
+        await self._publish_answer(self.replies.name, routing_key, body, properties, False)
+
+    async def _publish_answer(
+        self, exchange: str, routing_key: str, body: bytes, properties: aiormq.spec.Basic.Properties, mandatory: bool
+    ) -> None:
+        assert self.answer_channel is not None
+        try:
+            await _publish(self.answer_channel, exchange, routing_key, body, properties, mandatory)
+        except DeliveryError as error:
+            if not isinstance(error, PublishError):  # a nack, not a return
+                self._renew_answer_channel()
+            raise
+
+    async def _answer_channel(self) -> AbstractRobustChannel:
+        assert self.connection is not None
+        # Returned (unroutable) replies raise, so a vanished reply queue is noticed, not ignored.
+        channel: AbstractRobustChannel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        return channel
+
+    def _renew_answer_channel(self) -> None:
+        """Replace the answer channel (see the module's docstring), at most every ANSWER_CHANNEL_RENEWAL s."""
+        now = asyncio.get_running_loop().time()
+        if (
+            self._renewing is not None and not self._renewing.done()
+        ) or now - self._renewed_at < ANSWER_CHANNEL_RENEWAL:
+            return
+        self._renewed_at = now
+        self._renewing = asyncio.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        try:
+            fresh = await self._answer_channel()
+        except Exception as error:  # noqa: BLE001
+            log.warning("could not open a new answer channel (%s); keeping the old one", type(error).__name__)
+            return
+        stale, self.answer_channel = self.answer_channel, fresh
+        log.warning("the broker refused a publish: answers go on a new channel")
+        if stale is not None:
+            with contextlib.suppress(Exception):
+                await stale.close()
 
     async def recorded_answer(self, command_id: str) -> Answer | None:
         """The launch result already published for this command, if any (see ``journal.py``)."""

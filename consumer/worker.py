@@ -17,12 +17,13 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime, UTC
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import DeliveryError, PublishError
 from pydantic import ValidationError
 from pydantic_core import from_json
 
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 # The AMQP ``type`` of the launcher's own follow-up commands on the command queue: the rest of a
 # failed launch's clean-up. They are answered to nobody: no reply, no result, no event.
 FOLLOW_UP_TYPE = "jupyterhub-launcher.clean-up"
+# Pauses before an answer the broker refused (nacked) is published again; after the last, the
+# command is requeued. About 8 s in all: a quorum queue elects a new leader within seconds.
+ANSWER_RETRY_PAUSES = (0.25, 0.5, 1.0, 2.0, 4.0)
 # A clean-up the hub never lets finish is given up after this long (tokens expire on their own).
 FOLLOW_UP_LIFETIME = 24 * 3600.0
 
@@ -293,28 +297,50 @@ class Worker:
         follow_up: CleanUp | None = None,
     ) -> bool:
         """Publish the reply to each caller and the result event (and a follow-up); False if the
-        broker did not confirm them."""
-        results, replies = [], []
-        for delivery in deliveries:
-            correlation_id = delivery.correlation_id
-            if ("result", correlation_id) not in run.answered:
-                run.answered.add(("result", correlation_id))
-                results.append(self.broker.publish_result(routing_key, correlation_id, body, key))
-            if delivery.reply_to and ("reply", delivery.reply_to, correlation_id) not in run.answered:
-                run.answered.add(("reply", delivery.reply_to, correlation_id))
-                replies.append(self.broker.reply(delivery.reply_to, correlation_id, body))
-        # The results go first: the broker routes a channel's publishes in order, so a reply that
-        # reached its caller has its result in the answer journal.
-        publishes = [*results, *replies]
-        if follow_up is not None:
-            publishes.append(self.broker.publish_command(follow_up.model_dump_json().encode(), FOLLOW_UP_TYPE))
-        try:
+        broker did not confirm them. What the broker refused (nacked: a queue it routes to is
+        electing a leader, say) is published again after a pause, a few times, before the command
+        is requeued: running it again would not make the broker take its answer sooner."""
+        for pause in (*ANSWER_RETRY_PAUSES, None):
+            publishes: list[tuple[tuple[str | None, ...], Awaitable[Any]]] = []
+            for delivery in deliveries:
+                correlation_id = delivery.correlation_id
+                result = ("result", correlation_id)
+                if result not in run.answered:
+                    publishes.append((result, self.broker.publish_result(routing_key, correlation_id, body, key)))
+                reply = ("reply", delivery.reply_to, correlation_id)
+                if delivery.reply_to and reply not in run.answered:
+                    publishes.append((reply, self.broker.reply(delivery.reply_to, correlation_id, body)))
+            # The results go first: the broker routes a channel's publishes in order, so a reply that
+            # reached its caller has its result in the answer journal.
+            if follow_up is not None and ("follow-up", key) not in run.answered:
+                publishes.append(
+                    (
+                        ("follow-up", key),
+                        self.broker.publish_command(follow_up.model_dump_json().encode(), FOLLOW_UP_TYPE),
+                    )
+                )
+            run.answered.update(mark for mark, _ in publishes)  # a copy joining meanwhile is not answered twice
             # All confirmed before the ack, but waited for together: one broker round trip, not two.
-            await asyncio.gather(*publishes)
-        except Exception as error:  # noqa: BLE001
-            log.error("could not publish the reply to %s: %s", deliveries[0].message_id, type(error).__name__)
-            return False
-        return True
+            outcomes = await asyncio.gather(*(publish for _, publish in publishes), return_exceptions=True)
+            failed = [
+                (mark, outcome) for (mark, _), outcome in zip(publishes, outcomes) if isinstance(outcome, BaseException)
+            ]
+            if not failed:
+                return True
+            run.answered.difference_update(mark for mark, _ in failed)
+            errors = [error for _, error in failed]
+            for error in errors:
+                if isinstance(error, asyncio.CancelledError):
+                    raise error
+            refused = all(isinstance(e, DeliveryError) and not isinstance(e, PublishError) for e in errors)
+            if pause is None or not refused:
+                log.error("could not publish the reply to %s: %s", deliveries[0].message_id, type(errors[0]).__name__)
+                return False
+            log.warning(
+                "the broker refused the answer to %s; publishing it again in %.2f s", deliveries[0].message_id, pause
+            )
+            await asyncio.sleep(pause)
+        return False  # not reached: the last pause is None
 
     def _emit(
         self,

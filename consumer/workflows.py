@@ -18,7 +18,7 @@ import aiohttp
 
 from schemas import LaunchCommand, ReadCommand, RemoveCommand
 
-from .admission import admitted_launch, spawn_slot
+from .admission import admitted_launch, spawn_slot, start_retried
 from .cleanup import CleanUp, new_launch_id, revoke_tokens, token_note, undo
 from .config import Settings
 from .hub import HubClient, HubError, HubUnavailable
@@ -366,7 +366,10 @@ class _Launch:
                         return
             except HubError as error:
                 if error.status == 400 and not start.done():
-                    # Not pending yet: the start request is still on its way, or waiting out a 429.
+                    # Not pending yet: the start request is still on its way, or waiting out a 429;
+                    # then ask again once it is sent again, not every few seconds while it waits.
+                    if await start_retried(self.hub.admission):
+                        not_pending_yet = 0.05
                     not_pending_yet = min(not_pending_yet * 2, 5.0)
                     await asyncio.wait({start}, timeout=not_pending_yet)
                     continue

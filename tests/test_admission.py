@@ -229,3 +229,31 @@ async def test_a_start_refused_twice_waits_for_its_retry_twice() -> None:
     await asyncio.sleep(0)
     spawns.release(ok=True)  # ticket 1 is ready: ticket 2 retries at once
     await asyncio.wait_for(retry, 1)
+
+
+async def test_a_launch_waiting_out_a_429_is_told_when_its_start_is_sent_again() -> None:
+    admission = Admission()
+    first_started = asyncio.Event()
+
+    async def first() -> None:
+        async with admission.launch(lambda _: None):
+            await admission.spawn_slot()
+            first_started.set()
+            await asyncio.sleep(0.3)  # its spawn takes a while, then it is ready
+
+    async def second() -> tuple[bool, bool, float]:
+        async with admission.launch(lambda _: None):
+            await first_started.wait()
+            await admission.spawn_slot()
+            assert not await admission.start_retried()  # not refused: nothing to wait for
+            refused = asyncio.create_task(admission.throttled(retry_after=60))
+            await asyncio.sleep(0)
+            waited_from = asyncio.get_running_loop().time()
+            retried = await admission.start_retried()  # as its progress stream would
+            waited = asyncio.get_running_loop().time() - waited_from
+            await refused
+            return retried, refused.done(), waited
+
+    _, (retried, resent, waited) = await asyncio.wait_for(asyncio.gather(first(), second()), 5)
+    assert retried and resent
+    assert 0.2 < waited < 2  # until the first launch's slot freed, not Retry-After's 60 s
