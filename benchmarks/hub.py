@@ -54,12 +54,18 @@ class HubLogSlice:
 
     def last_answer(self, who: str) -> dict[str, float]:
         """user -> when the hub answered ``who``'s last request about that user."""
-        last: dict[str, float] = {}
-        for (source, _, uri, _), at in zip(self.requests, self.answered_at):
+        return {user: at for user, (at, _) in self.last_request(who).items()}
+
+    def last_request(self, who: str) -> dict[str, tuple[float, str]]:
+        """user -> (when the hub answered it, its shape) of ``who``'s last request about that user."""
+        last: dict[str, tuple[float, str]] = {}
+        for (source, method, uri, status), at in zip(self.requests, self.answered_at):
             parts = uri.split("/")
             if source == who and "users" in parts[:-1]:
                 user = parts[parts.index("users") + 1]
-                last[user] = max(at, last.get(user, 0.0))
+                if at >= last.get(user, (0.0, ""))[0]:
+                    shape = re.sub(r"/users/[^/]+", "/users/{u}", uri)
+                    last[user] = (at, f"{method} {re.sub(r'/tokens/[^/]+', '/tokens/{id}', shape)} {status}")
         return last
 
     def count(self, who: str) -> int:

@@ -41,6 +41,12 @@ def launch_figures(round_: dict[str, Any]) -> dict[str, Any]:
         "overhead_s": summary(overhead),
         "overhead_hub_part_s": summary(after_ready),
         "overhead_after_hub_s": summary(after_hub),
+        # Which request was each launch's last at the hub, and how long after ready it was answered.
+        "overhead_hub_part_by_request": {
+            shape: summary(parts)
+            for shape in sorted({e.get("last_hub_request") or "?" for e in split})
+            if (parts := [a for e, a in zip(split, after_ready) if (e.get("last_hub_request") or "?") == shape])
+        },
         "observer_stream_lag_s": summary(stream_lag),
         "ready_from_stream": sum(1 for e in timed if e.get("ready_source") == "stream"),
         "ready_from_hub_log": sum(1 for e in timed if e.get("ready_source") == "hub-log"),

@@ -66,13 +66,13 @@ class Watch:
     def annotate(self, launches: list[dict[str, Any]], who: str) -> None:
         # When the hub answered the system's last request for each launch: splits the overhead into
         # hub round trips after ready, and what follows the hub (broker, consumer, client).
-        last_answer = self.log.last_answer(who)
+        last_request = self.log.last_request(who)
         for launch in launches:
             seen = self.observer.ready_at(launch["username"])
             launch["hub_ready"] = seen.ready_at
             launch["ready_source"] = seen.source
             launch["stream_ready"] = seen.seen_at
-            launch["last_hub_answer"] = last_answer.get(launch["username"])
+            launch["last_hub_answer"], launch["last_hub_request"] = last_request.get(launch["username"], (None, None))
 
 
 def hub_figures(watch: Watch, who: str, launches: int) -> dict[str, Any]:
