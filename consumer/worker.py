@@ -305,21 +305,24 @@ class Worker:
             for delivery in deliveries:
                 correlation_id = delivery.correlation_id
                 result = ("result", correlation_id)
+                # Marked at once: a redelivered copy in the same batch (same caller) is not answered twice.
                 if result not in run.answered:
+                    run.answered.add(result)
                     publishes.append((result, self.broker.publish_result(routing_key, correlation_id, body, key)))
                 reply = ("reply", delivery.reply_to, correlation_id)
                 if delivery.reply_to and reply not in run.answered:
+                    run.answered.add(reply)
                     publishes.append((reply, self.broker.reply(delivery.reply_to, correlation_id, body)))
             # The results go first: the broker routes a channel's publishes in order, so a reply that
             # reached its caller has its result in the answer journal.
             if follow_up is not None and ("follow-up", key) not in run.answered:
+                run.answered.add(("follow-up", key))
                 publishes.append(
                     (
                         ("follow-up", key),
                         self.broker.publish_command(follow_up.model_dump_json().encode(), FOLLOW_UP_TYPE),
                     )
                 )
-            run.answered.update(mark for mark, _ in publishes)  # a copy joining meanwhile is not answered twice
             # All confirmed before the ack, but waited for together: one broker round trip, not two.
             outcomes = await asyncio.gather(*(publish for _, publish in publishes), return_exceptions=True)
             failed = [
