@@ -300,29 +300,30 @@ class Worker:
         broker did not confirm them. What the broker refused (nacked: a queue it routes to is
         electing a leader, say) is published again after a pause, a few times, before the command
         is requeued: running it again would not make the broker take its answer sooner."""
+
+        def unanswered(mark: tuple[str | None, ...]) -> bool:
+            # Checked and marked in one step, as each publish is made: a redelivered copy in the same
+            # batch (same caller), or a copy joining meanwhile, is not answered twice.
+            if mark in run.answered:
+                return False
+            run.answered.add(mark)
+            return True
+
         for pause in (*ANSWER_RETRY_PAUSES, None):
             publishes: list[tuple[tuple[str | None, ...], Awaitable[Any]]] = []
             for delivery in deliveries:
                 correlation_id = delivery.correlation_id
                 result = ("result", correlation_id)
-                # Marked at once: a redelivered copy in the same batch (same caller) is not answered twice.
-                if result not in run.answered:
-                    run.answered.add(result)
+                if unanswered(result):
                     publishes.append((result, self.broker.publish_result(routing_key, correlation_id, body, key)))
                 reply = ("reply", delivery.reply_to, correlation_id)
-                if delivery.reply_to and reply not in run.answered:
-                    run.answered.add(reply)
+                if delivery.reply_to and unanswered(reply):
                     publishes.append((reply, self.broker.reply(delivery.reply_to, correlation_id, body)))
             # The results go first: the broker routes a channel's publishes in order, so a reply that
             # reached its caller has its result in the answer journal.
-            if follow_up is not None and ("follow-up", key) not in run.answered:
-                run.answered.add(("follow-up", key))
-                publishes.append(
-                    (
-                        ("follow-up", key),
-                        self.broker.publish_command(follow_up.model_dump_json().encode(), FOLLOW_UP_TYPE),
-                    )
-                )
+            if follow_up is not None and unanswered(("follow-up", key)):
+                command = follow_up.model_dump_json().encode()
+                publishes.append((("follow-up", key), self.broker.publish_command(command, FOLLOW_UP_TYPE)))
             # All confirmed before the ack, but waited for together: one broker round trip, not two.
             outcomes = await asyncio.gather(*(publish for _, publish in publishes), return_exceptions=True)
             failed = [
