@@ -7,6 +7,9 @@ Loaded by JupyterHub through ``LocalHub(config=...)``; reads the same LOCALHUB_*
 Spawns: ``BenchSpawner.start()`` sleeps the spawn delay and returns the address of the ONE shared
 stand-in server (``benchmarks/standin.py``), so servers cost nothing but the hub's own work. The
 delay comes from the launch's image, ``bench:delay-<seconds>``, so one hub serves every scenario.
+It is the launcher's spawner (``LauncherSpawnerMixin``), as a production hub runs it: it checks and
+applies the options and reports them in the progress stream. Without a signing key: the floor and
+the older worker's launches send unsigned options, as they do against any hub.
 
 Services: each traffic source has its own service and token, so that the hub's request log
 (``... (<service>@127.0.0.1) ...``) tells who asked what: ``launcher`` (the consumer under test),
@@ -20,6 +23,8 @@ import os
 
 from jupyterhub.proxy import ConfigurableHTTPProxy
 from jupyterhub.spawner import Spawner
+
+from consumer.spawner import LauncherSpawnerMixin
 from tests.support.hub_common import apply_local_hub_basics
 
 c = get_config()  # noqa: F821 (JupyterHub's config loader provides it)
@@ -43,7 +48,7 @@ def spawn_delay(image: str) -> float:
     return float(bench.get("default_delay", 0))
 
 
-class BenchSpawner(Spawner):
+class BenchSpawner(LauncherSpawnerMixin, Spawner):
     """Waits the spawn delay, then 'runs' at the shared stand-in's address."""
 
     _running = False
@@ -51,6 +56,7 @@ class BenchSpawner(Spawner):
     async def start(self):
         import asyncio
 
+        self.launcher_ensure_applied()
         await asyncio.sleep(spawn_delay(str((self.user_options or {}).get("image", ""))))
         self._running = True
         return ("127.0.0.1", int(bench["standin_port"]))
@@ -74,6 +80,8 @@ class BenchProxy(ConfigurableHTTPProxy):
 
 c.JupyterHub.proxy_class = BenchProxy
 c.JupyterHub.spawner_class = BenchSpawner
+c.BenchSpawner.launcher_signing_key = ""
+c.BenchSpawner.launcher_allowed_images = [r"bench:delay-[0-9.]+"]
 c.JupyterHub.concurrent_spawn_limit = 0  # off: the benchmark wants up to 1,000 spawns pending
 c.JupyterHub.active_server_limit = 0
 c.Spawner.start_timeout = 600

@@ -21,6 +21,8 @@ from typing import Any
 # The key in user_options that holds the signature; the spawner removes it before applying them.
 SIGNATURE_KEY = "launcher_signature"
 VERSION = "v1"
+# The key of the progress event in which the spawner says which options its spawn applied.
+OPTIONS_EVENT_KEY = "launcher_options"
 
 
 def canonical(username: str, server_name: str, signed_at: int, options: dict[str, Any]) -> bytes:
@@ -32,6 +34,14 @@ def canonical(username: str, server_name: str, signed_at: int, options: dict[str
 def signature(key: str, username: str, server_name: str, signed_at: int, options: dict[str, Any]) -> str:
     mac = hmac.new(key.encode(), canonical(username, server_name, signed_at, options), hashlib.sha256)
     return f"{VERSION}.{signed_at}.{mac.hexdigest()}"
+
+
+def options_digest(options: dict[str, Any]) -> str:
+    """The digest the spawner reports for ``options`` once applied (unsigned, as it stores them):
+    SHA-256 over their canonical JSON, the first 32 hex digits."""
+    unsigned = {k: v for k, v in options.items() if k != SIGNATURE_KEY}
+    text = json.dumps(unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 class SignedOptions(dict[str, Any]):

@@ -33,7 +33,7 @@ import os
 import posixpath
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from inspect import isawaitable
 from typing import TYPE_CHECKING, Any
 
@@ -137,6 +137,10 @@ DEFAULT_ALLOWED_MOUNT_PATHS = (
 # The key in user_options that carries the launcher's signature (consumer/signing.py, same form).
 SIGNATURE_KEY = "launcher_signature"
 _SIGNATURE = re.compile(r"v1\.([0-9]{1,12})\.([0-9a-f]{64})")
+# The key of the first progress event of a spawn whose options this spawner applied: their digest
+# (``options_digest``), so that the launcher can tell its own spawn from one someone else started
+# without reading the server's model (consumer/signing.py has the same name and form).
+OPTIONS_EVENT_KEY = "launcher_options"
 log = logging.getLogger(__name__)
 _TOP_LEVEL = ("image", "cpu", "memory", "gpu", "vols", "env", "json")
 _VOLUME_KEYS = frozenset({"pvc", "mount", "subpath"})
@@ -564,6 +568,9 @@ class LauncherSpawnerMixin(Configurable):
         self._launcher_defaults = {name: copy.deepcopy(getattr(self, name)) for name in self._launcher_traits()}
         # "fresh": reset for the spawn under way; "applied": this spawn's options are in place.
         self._launcher_stage: str | None = None
+        # The digest of the options this spawn applied, for its progress stream; None from the
+        # start of the next spawn or a stop on, so that no stream reports an earlier spawn's.
+        self._launcher_applied_digest: str | None = None
         if not self.launcher_signing_key and not LauncherSpawnerMixin._launcher_warned:
             # Once per process: JupyterHub makes the spawners of running servers at its start.
             LauncherSpawnerMixin._launcher_warned = True
@@ -588,6 +595,7 @@ class LauncherSpawnerMixin(Configurable):
         for name, value in self._launcher_defaults.items():
             setattr(self, name, copy.deepcopy(value))
         self._launcher_stage = "fresh"
+        self._launcher_applied_digest = None
 
     async def run_auth_state_hook(self, auth_state: Any) -> Any:
         # The earliest per-spawn call into the spawner: resetting here keeps what auth_state_hook,
@@ -614,6 +622,7 @@ class LauncherSpawnerMixin(Configurable):
             setattr(self, name, value)
         self._launcher_store(unsigned)
         self._launcher_stage = "applied"
+        self._launcher_applied_digest = options_digest(unsigned)
 
     def launcher_ensure_applied(self) -> None:
         """Apply ``user_options`` unless the apply_user_options hook already did for this spawn."""
@@ -626,6 +635,26 @@ class LauncherSpawnerMixin(Configurable):
         self.launcher_ensure_applied()
         self._launcher_stage = None
         return super().start()  # type: ignore[misc]
+
+    def clear_state(self) -> None:
+        # JupyterHub clears a spawner's state as a new spawn begins and after a stop: from then on
+        # no progress stream reports the options of the spawn before.
+        super().clear_state()  # type: ignore[misc]
+        self._launcher_applied_digest = None
+
+    async def progress(self) -> AsyncIterator[dict[str, Any]]:
+        """First, once the options are applied, which ones (their digest); then the spawner's own.
+
+        A start request answered 202 may be someone else's pending spawn, whose options the hub
+        kept instead of ours; the launcher, which follows this stream anyway, compares the digest
+        with its own options' instead of reading the server's model after the spawn. Any user may
+        read their own server's stream: the digest says no more than the model's user_options.
+        """
+        digest = self._launcher_applied_digest
+        if digest is not None:
+            yield {"progress": 0, "message": "Server options checked", OPTIONS_EVENT_KEY: digest}
+        async for event in super().progress():  # type: ignore[misc]
+            yield event
 
     def get_env(self) -> dict[str, str]:
         env: dict[str, str] = super().get_env()  # type: ignore[misc]
@@ -1049,6 +1078,13 @@ def _usage(spawner: Any, what: str, plan: Mapping[str, Any]) -> float | None:
     prefix = "cpu" if what == "cpu" else "mem"
     found = value(f"{prefix}_limit") or value(f"{prefix}_guarantee")
     return None if found is None else float(found)
+
+
+def options_digest(options: Mapping[str, Any]) -> str:
+    """A short digest of applied options: SHA-256 over their canonical JSON (sorted keys), as
+    consumer/signing.py computes it for the options it sends."""
+    text = json.dumps(options, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _signature_mac(key: str, username: str, server_name: str, signed_at: int, options: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from .admission import admitted_launch, spawn_slot, start_retried
 from .cleanup import CleanUp, new_launch_id, revoke_tokens, token_note, undo
 from .config import Settings
 from .hub import HubClient, HubError, HubUnavailable
-from .signing import signed_options
+from .signing import OPTIONS_EVENT_KEY, options_digest, signed_options
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ FOLLOW_UP_TIMEOUT = 60.0
 CANCEL_REVOKE_TIMEOUT = 2.0
 ALREADY_RUNNING = 0  # _start's answer when the hub says the server is already running
 # A start still unanswered this long after its token (sent right behind it) is likely to end in a
-# 202, which needs the options check, so the model is read now, while the server starts: read at the
+# 202, which needs the options check, so the model is read now, while the server starts (unless the
+# launcher's spawner has confirmed our options in the progress stream by then): read at the
 # 202 instead, it came just before ready when a busy hub took a little over its slow_spawn_timeout
 # (10 s by default) to spawn, and the hub answered it after ready (overhead p95 at N = 200 in the
 # benchmark: 200 ms against 50 ms). Earlier would spend reads on spawns that end in a 201; timed
@@ -207,11 +208,14 @@ class _Launch:
     last_message: str = ""
     ready_url: str = ""  # the server's path, from the progress stream's "ready" event
     pending_model: asyncio.Task[dict[str, Any] | None] | None = None  # read while the spawn is pending
+    options_digest: str = ""  # of the options we send, as the spawner reports applied ones
+    spawn_digest: str | None = None  # what the launcher's spawner said in the progress stream
 
     async def run(self) -> dict[str, Any]:
         """Four hub requests for a new server: user, start, token, progress; a fifth, the model, when
         the start request was answered before the server was ready (or was slow to be answered),
-        read while it starts.
+        read while it starts, unless the launcher's spawner said in the progress stream that this
+        spawn applied our options.
 
         The start request is not preceded by a read of the server: the hub's answer (201 ours and
         ready, 202 pending, 400 already running) says as much, for one request less.
@@ -224,6 +228,7 @@ class _Launch:
         options = signed_options(
             self.settings.spawner_signing_key.get_secret_value(), username, server_name, self.command.user_options()
         )
+        self.options_digest = options_digest(options)
         start = asyncio.create_task(self._start(options))
         start.add_done_callback(_retrieve)  # a failure found first elsewhere leaves its error unread
         # The hub serves one request at a time: the token request, sent right behind the start,
@@ -254,6 +259,11 @@ class _Launch:
             # 201: the hub held our start until the server was ready, so the spawn is ours, with our
             # options (a pending or running one answers 202 or 400), and was not cancelled (that
             # answers 500). The model would say nothing new; reading it queues behind the hub's work.
+            self._drop_pending_model()
+            return await self._result({"url": self.ready_url})
+        if status == 202 and self.ready_url and self._options_confirmed():
+            # 202, and the spawner said in the stream that this spawn applied our options (the
+            # launcher's spawner does, on the hub): no model read needed to tell it is ours.
             self._drop_pending_model()
             return await self._result({"url": self.ready_url})
         if self.pending_model is not None and self.ready_url:
@@ -333,9 +343,14 @@ class _Launch:
                 raise
         raise CommandFailed("hub_error", f"server {_label(self.command)} kept stopping instead of starting")
 
+    def _options_confirmed(self) -> bool:
+        """The spawner reported that the spawn under way applied the options we sent."""
+        return self.spawn_digest is not None and self.spawn_digest == self.options_digest
+
     def _read_pending_model(self) -> None:
-        """Read the server's model for the options check, once, while its spawn is pending."""
-        if self.pending_model is None:
+        """Read the server's model for the options check, once, while its spawn is pending (not
+        needed once the spawner has confirmed our options)."""
+        if self.pending_model is None and not self._options_confirmed():
             username, server_name = self.command.username, self.command.server_name
             self.pending_model = asyncio.create_task(self.hub.get_server(username, server_name))
 
@@ -351,6 +366,10 @@ class _Launch:
             try:
                 async for event in self.hub.progress(username, server_name):
                     self.last_message = str(event.get("message") or self.last_message)
+                    if OPTIONS_EVENT_KEY in event:
+                        self.spawn_digest = str(event[OPTIONS_EVENT_KEY])
+                        if not self._options_confirmed():
+                            self._read_pending_model()  # someone else's options: for the error's details
                     if event.get("failed"):
                         # A spawner that refuses the options fails the spawn and the start request
                         # with 400: that answer (options_rejected) is the more precise one.

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from typing import Any
 
 import aiohttp
 import pytest
 
 from consumer import workflows
 from consumer.hub import HubClient
-from consumer.signing import signed_options
+from consumer.signing import OPTIONS_EVENT_KEY, options_digest, signed_options
 from tests.conftest import Client
 from tests.support.localhub import LocalHub
 
@@ -310,12 +311,41 @@ def slow_answering_hub():
         yield running
 
 
-async def test_a_slow_spawn_has_its_options_checked_while_it_starts_not_after_the_hubs_202(
+async def test_a_slow_spawn_whose_options_the_spawner_confirms_in_its_progress_needs_no_model_read(
+    slow_answering_hub: LocalHub, username: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import delete_topology, make_settings, running_service
+
+    monkeypatch.setattr(workflows, "OPTIONS_CHECK_AFTER", 0.5)  # the read would come before the 202
+    settings = make_settings(slow_answering_hub)
+    try:
+        async with running_service(settings), Client(settings) as own:
+            reply = await own.call({"action": "launch", "username": username, "image": "standin:slow-4"})
+    finally:
+        await delete_topology(settings)
+    assert reply["ok"] is True, reply
+    requests = _launcher_requests(slow_answering_hub, username)
+    start = f"/hub/api/users/{username}/server"
+    assert f"202 POST {start}" in requests, requests
+    # user, start, token, progress: the stream's "options checked" event stood in for the model read.
+    assert sorted(r.split(" ", 2)[1] + " " + r.split(" ", 2)[2] for r in requests) == sorted(
+        [
+            f"POST /hub/api/users/{username}",
+            f"POST {start}",
+            f"POST /hub/api/users/{username}/tokens",
+            f"GET {start}/progress",
+        ]
+    ), requests
+
+
+async def test_a_slow_spawn_has_its_options_checked_while_it_starts_when_its_spawner_does_not_confirm_them(
     slow_answering_hub: LocalHub, username: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tests.conftest import delete_topology, make_settings, running_service
 
     monkeypatch.setattr(workflows, "OPTIONS_CHECK_AFTER", 0.5)
+    # As with a spawner that is not the launcher's: the launcher finds no confirmation in the stream.
+    monkeypatch.setattr(workflows, "OPTIONS_EVENT_KEY", "not-the-spawners-key")
     settings = make_settings(slow_answering_hub)
     try:
         async with running_service(settings), Client(settings) as own:
@@ -330,6 +360,43 @@ async def test_a_slow_spawn_has_its_options_checked_while_it_starts_not_after_th
     model_read = f"200 GET /hub/api/users/{username}"
     assert requests.count(model_read) == 1, requests
     assert requests.index(model_read) < requests.index(f"202 POST {start}"), requests
+
+
+async def _wait_gone(hub: HubClient, username: str) -> None:
+    async with asyncio.timeout(30):
+        while await hub.get_server(username) is not None:
+            await asyncio.sleep(0.1)
+
+
+async def test_the_spawner_reports_the_digest_of_the_options_it_applied_and_not_an_earlier_spawns(
+    eager_hub: LocalHub, username: str
+) -> None:
+    async def first_events(hub: HubClient) -> list[dict[str, Any]]:
+        events = []
+        async with asyncio.timeout(30):
+            async for event in hub.progress(username):
+                events.append(event)
+                if event.get("ready"):
+                    return events
+        return events
+
+    async with aiohttp.ClientSession() as session:
+        hub = HubClient(session, eager_hub.api_url, eager_hub.token)
+        await hub.ensure_user(username)
+        options = signed_options(eager_hub.signing_key, username, "", {"image": "standin:slow-1"})
+        assert await hub.start_server(username, "", options) == 202
+        events = await first_events(hub)
+        await hub.stop_server(username)
+        await _wait_gone(hub, username)
+        # A start without options gets the defaults: no launcher options, so no digest to report
+        # (and not the one from before the stop).
+        assert await hub.start_server(username, "", {}) == 202
+        again = await first_events(hub)
+        await hub.stop_server(username)
+    reported = [e[OPTIONS_EVENT_KEY] for e in events if OPTIONS_EVENT_KEY in e]
+    assert reported == [options_digest(options)], events
+    assert events[-1].get("ready") is True
+    assert [e[OPTIONS_EVENT_KEY] for e in again if OPTIONS_EVENT_KEY in e] == [options_digest({})], again
 
 
 async def test_a_launch_whose_start_is_answered_201_does_not_read_the_server_model(

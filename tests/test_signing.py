@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from consumer.config import load_settings
-from consumer.signing import SIGNATURE_KEY, canonical, signed_options
-from consumer.spawner import SIGNATURE_KEY as SPAWNER_SIGNATURE_KEY, _signature_mac
+import json
+
+from consumer.signing import OPTIONS_EVENT_KEY, SIGNATURE_KEY, canonical, options_digest, signed_options
+from consumer.spawner import (
+    OPTIONS_EVENT_KEY as SPAWNER_OPTIONS_EVENT_KEY,
+    SIGNATURE_KEY as SPAWNER_SIGNATURE_KEY,
+    _signature_mac,
+    options_digest as spawner_options_digest,
+)
 
 
 def test_the_key_loads_from_launcher_spawner_signing_key_and_is_never_shown() -> None:
@@ -25,3 +32,14 @@ def test_launcher_and_spawner_agree_on_what_is_signed() -> None:
         canonical("alice", "gpu-1", 1, {"b": 1, "a": 2.0})
         == b'{"options":{"a":2.0,"b":1},"server":"gpu-1","time":1,"user":"alice"}'
     )
+
+
+def test_launcher_and_spawner_agree_on_the_digest_of_applied_options() -> None:
+    """The spawner reports the options it applied (unsigned, as the hub decoded them from JSON)
+    by digest; the launcher's digest of what it sent, signed, must be the same."""
+    options = {"image": "i", "cpu": {"limit": 2.0}, "env": {"TEXT": "é \ud800 {x}"}, "vols": [{"pvc": "a"}]}
+    signed = signed_options("key", "alice", "", options, now=1700000000)
+    as_the_hub_sees_them = {k: v for k, v in json.loads(json.dumps(signed)).items() if k != SIGNATURE_KEY}
+    assert options_digest(signed) == spawner_options_digest(as_the_hub_sees_them) == options_digest(options)
+    assert options_digest(signed) != options_digest({**options, "image": "j"})
+    assert SPAWNER_OPTIONS_EVENT_KEY == OPTIONS_EVENT_KEY
