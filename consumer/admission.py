@@ -27,8 +27,9 @@ them. Launches beyond what the hub can take therefore wait here, in arrival orde
    is retried as soon as one of our slots frees, never later than its ``Retry-After`` (30-60 s,
    random: a hint against a herd of browsers, not a measure of when a slot frees). The limit grows
    again by one after as many ready spawns as it is large (counted only while it holds launches
-   back); each growth that meets another 429 doubles the spawns needed for the next one, each that
-   does not halves it.
+   back), and no sooner than the last 429's ``Retry-After``: growing asks for a slot that none of
+   ours freed, which is what the hub answers Retry-After about. Each growth that meets another 429
+   doubles the spawns needed for the next one, each that does not halves it.
 
 Settings fix either limit (``hub_max_requests``, ``hub_max_pending_spawns``; 0 or absent: adaptive).
 
@@ -242,6 +243,7 @@ class SpawnLimit:
     _ready_since_growth: int = 0
     _growth_factor: float = 1.0  # ready spawns needed for the next growth, in multiples of the limit
     _probing: bool = False  # the limit grew and no 429 has answered since
+    _grow_after: float = 0.0  # event loop time: the last 429's Retry-After ends
 
     def __post_init__(self) -> None:
         self.fixed = self.fixed or None
@@ -280,7 +282,10 @@ class SpawnLimit:
         # Growth is tried only where the limit holds launches back, not during a quiet hour.
         if ok and self.limit is not None and not self.fixed and self.waiting:
             self._ready_since_growth += 1
-            if self._ready_since_growth >= self.limit * self._growth_factor:
+            if (
+                self._ready_since_growth >= self.limit * self._growth_factor
+                and asyncio.get_running_loop().time() >= self._grow_after
+            ):
                 if self._probing:  # the last growth met no 429: grow sooner next time
                     self._growth_factor = max(1.0, self._growth_factor / 2)
                 self.limit += 1
@@ -303,10 +308,12 @@ class SpawnLimit:
             self.pending += 1
             future.set_result(None)
 
-    def refused(self) -> None:
-        """The hub answered a start of ours with 429: it is full at the spawns of ours pending now."""
+    def refused(self, retry_after: float = 0.0) -> None:
+        """The hub answered a start of ours with 429 (and ``Retry-After``): it is full at the spawns
+        of ours pending now."""
         at = max(1, self.pending - self.throttled - 1)  # not counting this one nor others refused
         if not self.fixed:
+            self._grow_after = asyncio.get_running_loop().time() + retry_after
             if self._probing:
                 self._growth_factor = min(16.0, self._growth_factor * 2)
                 self._probing = False
@@ -455,7 +462,7 @@ class Admission:
         ticket = _order.get()[1]
         retried = self._retrying[ticket] = asyncio.Event()
         try:
-            self.spawns.refused()
+            self.spawns.refused(retry_after)
             await self.spawns.wait_for_retry(ticket, retry_after)
         finally:
             del self._retrying[ticket]

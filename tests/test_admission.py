@@ -152,6 +152,28 @@ async def test_the_learned_spawn_limit_grows_after_as_many_ready_spawns_as_it_is
     assert spawns.limit == 4
 
 
+async def test_the_learned_spawn_limit_does_not_grow_before_the_last_429s_retry_after() -> None:
+    spawns = SpawnLimit()
+
+    async def ready_while_one_waits() -> None:
+        waiting = asyncio.create_task(spawns.acquire(0))
+        await asyncio.sleep(0)
+        spawns.release(ok=True)
+        await asyncio.wait_for(waiting, 1)
+
+    for _ in range(3):
+        await asyncio.wait_for(spawns.acquire(0), 1)
+    spawns.refused(retry_after=0.3)  # the 3rd refused: full at 2
+    spawns.release(ok=False)
+    assert spawns.limit == 2
+    for _ in range(4):  # twice as many ready as needed, all within the Retry-After
+        await ready_while_one_waits()
+    assert spawns.limit == 2
+    await asyncio.sleep(0.35)
+    await ready_while_one_waits()  # the next ready spawn after it grows the limit
+    assert spawns.limit == 3
+
+
 async def test_queued_launches_report_their_position_and_are_cleared_once_started() -> None:
     admission = Admission(max_pending_spawns=1)
     reports: dict[str, list[int]] = {"a": [], "b": [], "c": []}
