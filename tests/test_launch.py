@@ -311,20 +311,25 @@ def slow_answering_hub():
         yield running
 
 
-async def test_a_slow_spawn_whose_options_the_spawner_confirms_in_its_progress_needs_no_model_read(
-    slow_answering_hub: LocalHub, username: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def _slow_launch(hub: LocalHub, username: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Launch a 4 s spawn on a hub that answers its start 202 after 2 s; the launcher's requests."""
     from tests.conftest import delete_topology, make_settings, running_service
 
-    monkeypatch.setattr(workflows, "OPTIONS_CHECK_AFTER", 0.5)  # the read would come before the 202
-    settings = make_settings(slow_answering_hub)
+    monkeypatch.setattr(workflows, "OPTIONS_CHECK_AFTER", 0.5)  # a model read comes before the 202
+    settings = make_settings(hub)
     try:
         async with running_service(settings), Client(settings) as own:
             reply = await own.call({"action": "launch", "username": username, "image": "standin:slow-4"})
     finally:
         await delete_topology(settings)
     assert reply["ok"] is True, reply
-    requests = _launcher_requests(slow_answering_hub, username)
+    return _launcher_requests(hub, username)
+
+
+async def test_a_slow_spawn_whose_options_the_spawner_confirms_in_its_progress_needs_no_model_read(
+    slow_answering_hub: LocalHub, username: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requests = await _slow_launch(slow_answering_hub, username, monkeypatch)
     start = f"/hub/api/users/{username}/server"
     assert f"202 POST {start}" in requests, requests
     # user, start, token, progress: the stream's "options checked" event stood in for the model read.
@@ -341,19 +346,9 @@ async def test_a_slow_spawn_whose_options_the_spawner_confirms_in_its_progress_n
 async def test_a_slow_spawn_has_its_options_checked_while_it_starts_when_its_spawner_does_not_confirm_them(
     slow_answering_hub: LocalHub, username: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.conftest import delete_topology, make_settings, running_service
-
-    monkeypatch.setattr(workflows, "OPTIONS_CHECK_AFTER", 0.5)
     # As with a spawner that is not the launcher's: the launcher finds no confirmation in the stream.
     monkeypatch.setattr(workflows, "OPTIONS_EVENT_KEY", "not-the-spawners-key")
-    settings = make_settings(slow_answering_hub)
-    try:
-        async with running_service(settings), Client(settings) as own:
-            reply = await own.call({"action": "launch", "username": username, "image": "standin:slow-4"})
-    finally:
-        await delete_topology(settings)
-    assert reply["ok"] is True, reply
-    requests = _launcher_requests(slow_answering_hub, username)
+    requests = await _slow_launch(slow_answering_hub, username, monkeypatch)
     start = f"/hub/api/users/{username}/server"
     assert f"202 POST {start}" in requests, requests
     # The model was read (once) before the hub answered the start, not queued behind it at ready.
