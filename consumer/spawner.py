@@ -184,7 +184,11 @@ def memory_bytes(value: Any) -> int:
                 f"{value!r} is not a memory quantity: use bytes or a number with K, M, G, T "
                 "(powers of 1024, as JupyterHub) or Ki, Mi, Gi, Ti"
             )
-        size = int(float(match[1]) * _UNITS[match[2] or ""])
+        amount = float(match[1]) * _UNITS[match[2] or ""]
+        if not math.isfinite(amount):  # hundreds of digits: float() gives inf, int() would overflow
+            shown = repr(value) if len(value) <= 32 else f"{value[:16]!r}… ({len(value)} characters)"
+            raise ValueError(f"{shown} is too large a memory quantity")
+        size = int(amount)
     if size <= 0:
         raise ValueError(f"{value!r} must be more than 0 bytes")
     return size

@@ -247,6 +247,11 @@ SCHEMA_AND_HUB = [
         id="quantity-brace",
     ),
     pytest.param({"cpu": {"limit": "{1}"}}, "cpu.limit: '{1}' is not a number", id="cpu-brace"),
+    pytest.param(
+        {"memory": {"limit": "9" * 400 + "G"}},
+        "memory.limit: '9999999999999999'… (401 characters) is too large a memory quantity",
+        id="quantity-400-digits",
+    ),
 ]
 
 
