@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -22,10 +23,20 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).with_name("jupyterhub_config.py")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now and not returned before by this process: the kernel may hand the same free
+    port to two binds in a row, and a hub whose proxy got one port for both its public side and its
+    API exits at start (seen once, in a benchmark run)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def find_proxy() -> str:
@@ -92,6 +103,7 @@ class LocalHub:
         give_up = time.monotonic() + timeout
         while time.monotonic() < give_up:
             if self.process is not None and self.process.poll() is not None:
+                self._end_group()
                 raise RuntimeError(f"JupyterHub exited; see {self.log_path}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.api_url + "/", timeout=2) as response:
@@ -100,7 +112,14 @@ class LocalHub:
             except OSError:
                 pass
             time.sleep(0.2)
+        self.stop()
         raise RuntimeError(f"JupyterHub did not answer in {timeout} s:\n{self.log_tail()}")
+
+    def _end_group(self) -> None:
+        """A hub that died at start leaves the proxy it started (same session) running: end it."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
