@@ -13,9 +13,10 @@ them. Launches beyond what the hub can take therefore wait here, in arrival orde
    ``QUEUED_LOW`` wait and shrinks it by one while more than ``QUEUED_HIGH`` do. So a fast, idle
    hub gets more, a slow or busy one fewer, and our share of the hub's queue stays a request or two
    long: a person's request waits behind those, not behind hundreds. The hub's other work (spawns
-   finishing, browsers) raises ``rtt`` and the estimate with it, and the limit shrinks. A start or stop request is held by the hub until the spawn or stop is
-   done (up to ``slow_spawn_timeout``), but costs it work only when it arrives: it holds its slot
-   for about one current answer time, then only waits. Progress streams are not counted: opening
+   finishing, browsers) raises ``rtt`` and the estimate with it, and the limit shrinks. A start or
+   stop request is held by the hub until the spawn or stop is done (up to ``slow_spawn_timeout``),
+   but costs it work only when it arrives: it holds its slot for about one current answer time,
+   then only waits. Progress streams are not counted: opening
    one costs the hub little, and then it only waits. Waiting requests are served in order of lane
    (reads, removes and clean-ups before launches: a read never waits behind queued launches), then
    of launch (a launch that came first sends its requests first), then of request. Once a launch's

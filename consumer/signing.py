@@ -25,10 +25,14 @@ VERSION = "v1"
 OPTIONS_EVENT_KEY = "launcher_options"
 
 
+def _canonical_json(value: Any) -> bytes:
+    """One JSON text with sorted keys and no spaces, so that both sides agree byte for byte."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
 def canonical(username: str, server_name: str, signed_at: int, options: dict[str, Any]) -> bytes:
-    """The bytes that are signed: one JSON text with sorted keys, so that both sides agree."""
-    document = {"options": options, "server": server_name, "time": signed_at, "user": username}
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    """The bytes that are signed."""
+    return _canonical_json({"options": options, "server": server_name, "time": signed_at, "user": username})
 
 
 def signature(key: str, username: str, server_name: str, signed_at: int, options: dict[str, Any]) -> str:
@@ -40,8 +44,7 @@ def options_digest(options: dict[str, Any]) -> str:
     """The digest the spawner reports for ``options`` once applied (unsigned, as it stores them):
     SHA-256 over their canonical JSON, the first 32 hex digits."""
     unsigned = {k: v for k, v in options.items() if k != SIGNATURE_KEY}
-    text = json.dumps(unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return hashlib.sha256(_canonical_json(unsigned)).hexdigest()[:32]
 
 
 class SignedOptions(dict[str, Any]):

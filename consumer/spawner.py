@@ -1084,18 +1084,21 @@ def _usage(spawner: Any, what: str, plan: Mapping[str, Any]) -> float | None:
     return None if found is None else float(found)
 
 
+def _canonical_json(value: Any) -> bytes:
+    """The JSON form consumer/signing.py signs and digests: sorted keys, no spaces, ASCII."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
 def options_digest(options: Mapping[str, Any]) -> str:
-    """A short digest of applied options: SHA-256 over their canonical JSON (sorted keys), as
-    consumer/signing.py computes it for the options it sends."""
-    text = json.dumps(options, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    """A short digest of applied options: SHA-256 over their canonical JSON, as consumer/signing.py
+    computes it for the options it sends."""
+    return hashlib.sha256(_canonical_json(options)).hexdigest()[:32]
 
 
 def _signature_mac(key: str, username: str, server_name: str, signed_at: int, options: dict[str, Any]) -> str:
     """HMAC-SHA256 over the canonical form that consumer/signing.py signs."""
     document = {"options": options, "server": server_name, "time": signed_at, "user": username}
-    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(key.encode(), _canonical_json(document), hashlib.sha256).hexdigest()
 
 
 class LocalLauncherSpawner(LauncherSpawnerMixin, SimpleLocalProcessSpawner):
