@@ -26,6 +26,12 @@ REQUEST_LINE = re.compile(
     r"^\[[A-Z] (?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) [^\]]*\] (?P<status>\d{3}) (?P<method>[A-Z]+) "
     r"(?P<uri>\S+) \((?P<who>[^@)]*)@"
 )
+# Progress streams the observer follows per round, at most. Each one is a request and an open
+# stream the hub serves on top of the system under test; following every pending spawn loaded a
+# launcher round (whose spawns are pending while the observer lists them) with up to N extra
+# streams, and a floor round (whose starts reach the hub at once, before a listing sees them) with
+# a few, which made the hub slower for one system than for the other.
+MAX_FOLLOWED = 20
 # Logged by hub_config.BenchProxy when the hub has added the server's route: it is ready.
 READY_LINE = re.compile(
     r"^\[[A-Z] (?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) [^\]]*\] bench: server (?P<user>[^:\s]+):(?P<server>\S*) ready"
@@ -183,9 +189,10 @@ class Observer:
     logs once the route is added (the hub's clock, to the millisecond). The observer corroborates
     it from outside: one listing request (``GET /users?state=active&name_filter=<prefix>``) finds
     spawns that are pending, and a progress-stream follower timestamps each one's ``ready`` event
-    (``seen_at``; the table reports how far behind the hub's mark the stream delivers it). Spawns
-    that finish between two listings are not streamed. Where the hub's line is missing, the
-    stream's time is used.
+    (``seen_at``; the table reports how far behind the hub's mark the stream delivers it), for at
+    most ``MAX_FOLLOWED`` spawns per round, so that it adds the same small load to every system's
+    round. Spawns that finish between two listings are not streamed. Where the hub's line is
+    missing, the stream's time is used.
     """
 
     def __init__(self, hub: BenchHub, session: aiohttp.ClientSession, prefix: str) -> None:
@@ -195,6 +202,7 @@ class Observer:
         self.observations: dict[str, Observation] = {}
         self.followers: set[asyncio.Task[None]] = set()
         self.listings = 0
+        self.followed = 0
 
     async def run(self, stop: asyncio.Event, give_up: float) -> None:
         while not stop.is_set() and time.monotonic() < give_up:
@@ -217,7 +225,8 @@ class Observer:
                 if not server:
                     continue
                 self.observations[name] = Observation()
-                if server.get("pending") == "spawn":
+                if server.get("pending") == "spawn" and self.followed < MAX_FOLLOWED:
+                    self.followed += 1
                     task = asyncio.create_task(self._follow(name))
                     self.followers.add(task)
                     task.add_done_callback(self.followers.discard)
