@@ -102,17 +102,27 @@ class BenchHub:
         (self.hub.state_dir / "bench.json").write_text(
             json.dumps({"standin_port": port, "default_delay": self.default_delay})
         )
-        self.hub.start()
+        try:
+            self.hub.start()
+        except BaseException:
+            # A hub that does not come up (LocalHub ends its own processes) must not leave the
+            # stand-in running: nothing else would stop it.
+            self._stop_standin()
+            raise
         return self
 
     def stop(self) -> None:
         self.hub.stop()
-        if self.standin is not None:
-            self.standin.terminate()
+        self._stop_standin()
+
+    def _stop_standin(self) -> None:
+        standin, self.standin = self.standin, None
+        if standin is not None:
+            standin.terminate()
             try:
-                self.standin.wait(10)
+                standin.wait(10)
             except subprocess.TimeoutExpired:
-                self.standin.kill()
+                standin.kill()
 
     @property
     def pid(self) -> int:

@@ -120,3 +120,29 @@ def test_a_tiny_class_start_prints_its_table_with_this_checkout_and_a_baseline(t
         assert r["failures"] == 0 and r["ready_timed"] == 4, r
         assert r["probe_idle_s"]["count"] > 0 and r["probe_burst_s"]["count"] > 0
         assert r["hub_requests_per_launch"] > 0 and r["start_requests"] >= 4
+
+
+@pytest.mark.timeout(120)
+def test_a_bench_hub_that_fails_to_start_leaves_no_stand_in_running(tmp_path: Path) -> None:
+    from benchmarks.hub import BenchHub
+    from tests.support.localhub import LocalHub
+
+    broken = tmp_path / "broken_config.py"
+    broken.write_text("raise RuntimeError('this hub config fails on purpose')\n")
+    bench = BenchHub(hub=LocalHub(config=broken))
+    started: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        process = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        started.append(process)
+        return process  # type: ignore[no-any-return]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess, "Popen", recording_popen)
+        with pytest.raises(RuntimeError, match="JupyterHub exited"):
+            bench.start()
+    standins = [p for p in started if "benchmarks.standin" in str(p.args)]
+    assert len(standins) == 1
+    assert standins[0].poll() is not None, "the stand-in server is still running"
+    assert bench.standin is None
