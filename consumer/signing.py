@@ -23,6 +23,8 @@ SIGNATURE_KEY = "launcher_signature"
 VERSION = "v1"
 # The key of the progress event in which the spawner says which options its spawn applied.
 OPTIONS_EVENT_KEY = "launcher_options"
+# The key, in that event, of the server's URL (what the hub's "ready" event will say).
+URL_EVENT_KEY = "launcher_url"
 
 
 def _canonical_json(value: Any) -> bytes:

@@ -38,6 +38,7 @@ from inspect import isawaitable
 from typing import TYPE_CHECKING, Any
 
 from jupyterhub.spawner import SimpleLocalProcessSpawner
+from jupyterhub.utils import url_escape_path, url_path_join
 from tornado.web import HTTPError
 from traitlets import Bool, Dict, Float, Integer, List, TraitError, Unicode, Union, default, validate
 from traitlets.config import Configurable
@@ -141,6 +142,9 @@ _SIGNATURE = re.compile(r"v1\.([0-9]{1,12})\.([0-9a-f]{64})")
 # (``options_digest``), so that the launcher can tell its own spawn from one someone else started
 # without reading the server's model (consumer/signing.py has the same name and form).
 OPTIONS_EVENT_KEY = "launcher_options"
+# The key, in the same event, of the server's URL: what the hub's "ready" event will say, so that
+# a launcher whose start request is answered 201 (the server is ready) needs no more from the hub.
+URL_EVENT_KEY = "launcher_url"
 log = logging.getLogger(__name__)
 _TOP_LEVEL = ("image", "cpu", "memory", "gpu", "vols", "env", "json")
 _VOLUME_KEYS = frozenset({"pvc", "mount", "subpath"})
@@ -651,14 +655,29 @@ class LauncherSpawnerMixin(Configurable):
 
         A start request answered 202 may be someone else's pending spawn, whose options the hub
         kept instead of ours; the launcher, which follows this stream anyway, compares the digest
-        with its own options' instead of reading the server's model after the spawn. Any user may
-        read their own server's stream: the digest says no more than the model's user_options.
+        with its own options' instead of reading the server's model after the spawn. The event
+        also carries the server's URL, so that a start answered 201 (ready) needs no wait for the
+        stream's own "ready" event, which the hub sends a few turns of its event loop later. Any
+        user may read their own server's stream: the digest says no more than the model's
+        user_options, the URL no more than the "ready" event.
         """
         digest = self._launcher_applied_digest
         if digest is not None:
-            yield {"progress": 0, "message": "Server options checked", OPTIONS_EVENT_KEY: digest}
+            event: dict[str, Any] = {"progress": 0, "message": "Server options checked", OPTIONS_EVENT_KEY: digest}
+            url = self._launcher_server_url()
+            if url:
+                event[URL_EVENT_KEY] = url
+            yield event
         async for event in super().progress():  # type: ignore[misc]
             yield event
+
+    def _launcher_server_url(self) -> str | None:
+        """The server's URL as JupyterHub's progress handler puts it in its "ready" event (the
+        same expression), or None where this spawner has no hub user (outside a hub)."""
+        user_url = getattr(getattr(self, "user", None), "url", None)
+        if not isinstance(user_url, str):
+            return None
+        return str(url_path_join(user_url, url_escape_path(getattr(self, "name", "") or ""), "/"))
 
     def get_env(self) -> dict[str, str]:
         env: dict[str, str] = super().get_env()  # type: ignore[misc]

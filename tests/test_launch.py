@@ -12,7 +12,7 @@ import pytest
 
 from consumer import workflows
 from consumer.hub import HubClient
-from consumer.signing import OPTIONS_EVENT_KEY, options_digest, signed_options
+from consumer.signing import OPTIONS_EVENT_KEY, URL_EVENT_KEY, options_digest, signed_options
 from tests.conftest import Client
 from tests.support.localhub import LocalHub
 
@@ -391,6 +391,8 @@ async def test_the_spawner_reports_the_digest_of_the_options_it_applied_and_not_
     reported = [e[OPTIONS_EVENT_KEY] for e in events if OPTIONS_EVENT_KEY in e]
     assert reported == [options_digest(options)], events
     assert events[-1].get("ready") is True
+    # The server's URL in the spawner's event is the one the hub's "ready" event gives.
+    assert [e[URL_EVENT_KEY] for e in events if OPTIONS_EVENT_KEY in e] == [events[-1]["url"]], events
     assert [e[OPTIONS_EVENT_KEY] for e in again if OPTIONS_EVENT_KEY in e] == [options_digest({})], again
 
 

@@ -5,10 +5,18 @@ from __future__ import annotations
 from consumer.config import load_settings
 import json
 
-from consumer.signing import OPTIONS_EVENT_KEY, SIGNATURE_KEY, canonical, options_digest, signed_options
+from consumer.signing import (
+    OPTIONS_EVENT_KEY,
+    SIGNATURE_KEY,
+    URL_EVENT_KEY,
+    canonical,
+    options_digest,
+    signed_options,
+)
 from consumer.spawner import (
     OPTIONS_EVENT_KEY as SPAWNER_OPTIONS_EVENT_KEY,
     SIGNATURE_KEY as SPAWNER_SIGNATURE_KEY,
+    URL_EVENT_KEY as SPAWNER_URL_EVENT_KEY,
     _signature_mac,
     options_digest as spawner_options_digest,
 )
@@ -43,3 +51,4 @@ def test_launcher_and_spawner_agree_on_the_digest_of_applied_options() -> None:
     assert options_digest(signed) == spawner_options_digest(as_the_hub_sees_them) == options_digest(options)
     assert options_digest(signed) != options_digest({**options, "image": "j"})
     assert SPAWNER_OPTIONS_EVENT_KEY == OPTIONS_EVENT_KEY
+    assert SPAWNER_URL_EVENT_KEY == URL_EVENT_KEY

@@ -1,14 +1,17 @@
-"""Launch paths a healthy hub rarely takes, against a scripted stand-in of JupyterHub's API.
+"""Launch paths a real hub cannot be made to take on demand, against a scripted stand-in of its API.
 
-The real hub cannot be made to refuse its progress stream or drop it mid-spawn on demand, so these
-use a small aiohttp server that answers like JupyterHub does (status codes and bodies from
+The real hub cannot be made to refuse its progress stream, drop it mid-spawn or hold its "ready"
+event back after answering the start on demand, so these use a small aiohttp server that answers like JupyterHub does (status codes and bodies from
 JupyterHub 6.1's apihandlers/users.py).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
+
+import asyncio
 
 import aiohttp
 import pytest
@@ -16,6 +19,7 @@ from aiohttp import web
 
 from consumer.config import Settings
 from consumer.hub import HubClient
+from consumer.signing import OPTIONS_EVENT_KEY, URL_EVENT_KEY
 from consumer.workflows import CommandFailed, Workflows
 from schemas import LaunchCommand
 
@@ -117,3 +121,65 @@ async def test_polling_gives_up_after_status_check_count_reads(scripted: tuple[S
         await workflows.launch(LaunchCommand(username="bob", image="img"), no_events)
     assert failed.value.code == "spawn_timeout"
     assert "not ready after 3 status checks" in failed.value.message
+
+
+class ReadyBeforeItsStreamSaysSo(ScriptedHub):
+    """Answers the start 201 once the stream has sent the spawner's event, and never sends the
+    stream's "ready" (as a busy hub sends it only turns of its event loop after the 201)."""
+
+    def __init__(self, with_url: bool) -> None:
+        super().__init__(progress_status=200)
+        self.with_url = with_url
+        self.spawner_event_sent = asyncio.Event()
+        self.finished = asyncio.Event()  # set by the test: the stream may end
+
+    async def start(self, request: web.Request) -> web.Response:
+        self.started = True
+        self.options = await request.json()
+        await self.spawner_event_sent.wait()
+        return web.Response(status=201)
+
+    async def progress(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        event: dict[str, Any] = {"progress": 0, "message": "Server options checked", OPTIONS_EVENT_KEY: "d"}
+        if self.with_url:
+            event[URL_EVENT_KEY] = "/user/bob/"
+        await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        self.spawner_event_sent.set()
+        await self.finished.wait()  # no "ready": the launch must not need it
+        return response
+
+
+@pytest.mark.parametrize("with_url", [True, False], ids=["spawner-told-the-url", "no-url"])
+async def test_a_start_answered_201_needs_no_ready_event_once_the_spawner_told_the_url(with_url: bool) -> None:
+    hub = ReadyBeforeItsStreamSaysSo(with_url)
+    app = hub.app()
+    app.middlewares.append(hub.record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    settings = Settings(jupyterhub_url=f"http://127.0.0.1:{port}", status_check_interval=0.05)
+    events: list[dict[str, Any]] = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            workflows = Workflows(HubClient(session, settings.hub_api_url, "secret"), settings)
+            launch = workflows.launch(
+                LaunchCommand(username="bob", image="img"),
+                lambda kind, data: events.append(data) if kind == "launch.progress" else None,
+            )
+            if with_url:
+                result = await asyncio.wait_for(launch, 10)
+                assert result["url"] == settings.public_url + "/user/bob/" and result["token"] == "t0ken"
+                assert "GET /hub/api/users/bob" not in hub.requests  # no model read either
+                assert [e["progress"] for e in events] == [0, 100], events  # the stream's end, as the hub says it
+                assert events[-1]["message"] == "Server ready at /user/bob/"
+            else:
+                # Without the spawner's URL the launch waits for the stream, as before.
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(launch, 2)
+    finally:
+        hub.finished.set()
+        await runner.cleanup()
