@@ -11,7 +11,7 @@ them. Launches beyond what the hub can take therefore wait here, in arrival orde
    hub's idle answer time (the smallest seen in the last few minutes) and ``rtt`` the fastest answer
    of the last round trip, and once per round trip grows the limit by one while fewer than
    ``QUEUED_LOW`` wait and shrinks it by one while more than ``QUEUED_HIGH`` do. So a fast, idle
-   hub gets more, a slow or busy one fewer, and our share of the hub's queue stays a request or two
+   hub gets more, a slow or busy one fewer, and our share of the hub's queue stays about one request
    long: a person's request waits behind those, not behind hundreds. The hub's other work (spawns
    finishing, browsers) raises ``rtt`` and the estimate with it, and the limit shrinks. A start or
    stop request is held by the hub until the spawn or stop is done (up to ``slow_spawn_timeout``),
@@ -67,11 +67,12 @@ LANE_LAUNCH = 1
 # token request, model read) inherit it, so every hub request knows whose it is.
 _order: ContextVar[tuple[int, int]] = ContextVar("admission_order", default=(LANE_INTERACTIVE, 0))
 
-# Vegas' alpha and beta: our requests waiting at the hub. 1/2, not the usual 2/4: a launch's ready
-# event leaves the hub a few of its event-loop turns after the spawn is done, and each turn waits
-# behind our queued requests; at 1/2 that wait was about halved (N = 200 overhead p95 59-115 ms
-# against 101-182 ms) with wall times within the runs' noise (benchmarks/README.md, 2026-12-06).
-QUEUED_LOW, QUEUED_HIGH = 1, 2
+# Vegas' alpha and beta: our requests waiting at the hub. 0.5/1, not the usual 2/4: a launch's
+# ready answer leaves the hub a turn or two of its event loop after the spawn is done, and each turn
+# waits behind our queued requests, so at most about one of ours waits. N = 200 overhead p95 (0 s /
+# 5 s spawns, with the reply on a 201): 1/2 74-75 / 66 ms, 0.5/1 30-51 / 27-61 ms; the class-start
+# wall times stayed 0.94-0.96x the previous code's (benchmarks/README.md, 2026-12-07).
+QUEUED_LOW, QUEUED_HIGH = 0.5, 1
 INITIAL_REQUESTS, MIN_REQUESTS, MAX_REQUESTS = 4, 1, 64
 # The idle answer time is the smallest seen in the last BASE_WINDOW seconds (BASE_BUCKETS buckets):
 # a hub that got slower for good (a bigger database) is taken as the new normal after that long.
