@@ -83,6 +83,14 @@ class ScriptedHub:
 @pytest.fixture
 async def scripted(request: pytest.FixtureRequest) -> AsyncIterator[tuple[ScriptedHub, Workflows]]:
     hub = ScriptedHub(progress_status=request.param)
+    runner, settings = await _serve(hub)
+    async with aiohttp.ClientSession() as session:
+        yield hub, Workflows(HubClient(session, settings.hub_api_url, "secret"), settings)
+    await runner.cleanup()
+
+
+async def _serve(hub: ScriptedHub) -> tuple[web.AppRunner, Settings]:
+    """The scripted hub on a free port, and the launcher's settings for it."""
     app = hub.app()
     app.middlewares.append(hub.record)
     runner = web.AppRunner(app)
@@ -90,10 +98,7 @@ async def scripted(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Script
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    settings = Settings(jupyterhub_url=f"http://127.0.0.1:{port}", status_check_interval=0.05)
-    async with aiohttp.ClientSession() as session:
-        yield hub, Workflows(HubClient(session, settings.hub_api_url, "secret"), settings)
-    await runner.cleanup()
+    return runner, Settings(jupyterhub_url=f"http://127.0.0.1:{port}", status_check_interval=0.05)
 
 
 def no_events(event_type: str, data: dict[str, Any]) -> None:
@@ -154,14 +159,7 @@ class ReadyBeforeItsStreamSaysSo(ScriptedHub):
 @pytest.mark.parametrize("with_url", [True, False], ids=["spawner-told-the-url", "no-url"])
 async def test_a_start_answered_201_needs_no_ready_event_once_the_spawner_told_the_url(with_url: bool) -> None:
     hub = ReadyBeforeItsStreamSaysSo(with_url)
-    app = hub.app()
-    app.middlewares.append(hub.record)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    settings = Settings(jupyterhub_url=f"http://127.0.0.1:{port}", status_check_interval=0.05)
+    runner, settings = await _serve(hub)
     events: list[dict[str, Any]] = []
     try:
         async with aiohttp.ClientSession() as session:
