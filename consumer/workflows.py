@@ -364,9 +364,10 @@ class _Launch:
         server's URL. A 201 says the server is ready and the spawn ours; the stream's own "ready"
         event leaves the hub a turn or two of its event loop after the 201, and during a burst each
         turn waits behind the hub's other work (N = 200, 0 s spawns: overhead p95 about 40 ms less,
-        benchmarks/README.md). Without the URL (another spawner, or the 201 came first) the
-        stream is followed to its end, as before."""
+        benchmarks/README.md). Without the URL (another spawner, or a 201 that came before the
+        spawner's event) the stream is followed to its end, as before."""
         follow = asyncio.create_task(self._follow(start))
+        follow.add_done_callback(_retrieve)  # a stream cancelled at the 201 may have failed meanwhile
         try:
             await asyncio.wait({follow, start}, return_when=asyncio.FIRST_COMPLETED)
             if not follow.done() and self.spawn_url and _answered(start) == 201:
