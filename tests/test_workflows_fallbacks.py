@@ -1,17 +1,16 @@
 """Launch paths a real hub cannot be made to take on demand, against a scripted stand-in of its API.
 
 The real hub cannot be made to refuse its progress stream, drop it mid-spawn or hold its "ready"
-event back after answering the start on demand, so these use a small aiohttp server that answers like JupyterHub does (status codes and bodies from
-JupyterHub 6.1's apihandlers/users.py).
+event back after answering the start on demand, so these use a small aiohttp server that answers
+like JupyterHub does (status codes and bodies from JupyterHub 6.1's apihandlers/users.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
-
-import asyncio
 
 import aiohttp
 import pytest
