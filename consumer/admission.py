@@ -16,12 +16,12 @@ them. Launches beyond what the hub can take therefore wait here, in arrival orde
    finishing, browsers) raises ``rtt`` and the estimate with it, and the limit shrinks. A start or
    stop request is held by the hub until the spawn or stop is done (up to ``slow_spawn_timeout``),
    but costs it work only when it arrives: it holds its slot for about one current answer time,
-   then only waits. Progress streams are not counted: opening
-   one costs the hub little, and then it only waits. Waiting requests are served in order of lane
-   (reads, removes and clean-ups before launches: a read never waits behind queued launches), then
-   of launch (a launch that came first sends its requests first), then of request. Once a launch's
-   start is sent, its other requests (the token right behind the start, a model read) go without
-   waiting, and count: the limit paces how fast launches begin.
+   then only waits. Progress streams are not counted: opening one costs the hub little, and then
+   it only waits. Waiting requests are served in order of lane (reads, removes and clean-ups
+   before launches: a read never waits behind queued launches), then of launch (a launch that came
+   first sends its requests first), then of request. Once a launch's start is sent, its other
+   requests (the token right behind the start, a model read) go without waiting, and count: the
+   limit paces how fast launches begin.
 2. **Our pending spawns** (``SpawnLimit``). Unknown at first (no limit). A 429 on a start means the
    hub's ``concurrent_spawn_limit`` is reached: the limit becomes the number of our spawns pending
    at that moment, new starts wait until one of ours becomes ready or fails, and the refused start
@@ -40,7 +40,8 @@ most every ``QUEUE_REPORT_INTERVAL`` seconds, when its position has changed; ``o
 start is sent, if it had reported.
 
 The state is plain attributes (``requests.limit``, ``requests.in_flight``, ``requests.waiting``,
-``spawns.limit``, ``spawns.pending``, ``spawns.waiting``, ``queued``) for logs and metrics.
+``spawns.limit``, ``spawns.pending``, ``spawns.waiting``, ``queued``), gathered by ``snapshot()``
+for the log and for ``/metrics`` (``metrics.watch_admission``).
 """
 
 from __future__ import annotations

@@ -10,9 +10,17 @@ process's own collectors (CPU, memory, open files) come with them on ``/metrics`
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .admission import Admission
 
 COMMANDS = Counter(
     "launcher_commands",
@@ -44,6 +52,75 @@ HUB_REQUEST_DURATION = Histogram(
 )
 BROKER_RECONNECTS = Counter("launcher_broker_reconnects", "Times a connection to RabbitMQ was re-established.")
 EVENTS_DROPPED = Counter("launcher_events_dropped", "Lifecycle events dropped because the event backlog was full.")
+
+# Admission control (admission.py), read from ``Admission.snapshot()`` at each scrape: what the
+# launcher holds back from the hub during a class start. Name, snapshot key, help text.
+_ADMISSION = (
+    (
+        "launcher_admission_launches_queued",
+        "launches_queued",
+        "Launches held back in the launcher: their start request is not sent yet.",
+    ),
+    (
+        "launcher_admission_hub_requests_limit",
+        "requests_limit",
+        "Hub requests the launcher lets be in flight at once (adaptive unless hub_max_requests is set).",
+    ),
+    ("launcher_admission_hub_requests_in_flight", "requests_in_flight", "Hub requests in flight that count."),
+    ("launcher_admission_hub_requests_waiting", "requests_waiting", "Hub requests waiting in the launcher."),
+    (
+        "launcher_admission_hub_answer_seconds",
+        "hub_answer_s",
+        "The hub's current answer time to cheap requests, smoothed (NaN: none seen yet).",
+    ),
+    (
+        "launcher_admission_hub_idle_answer_seconds",
+        "hub_idle_answer_s",
+        "The hub's idle answer time: the fastest answer of the last few minutes (NaN: none seen yet).",
+    ),
+    (
+        "launcher_admission_spawns_limit",
+        "spawns_limit",
+        "Our spawns allowed pending at the hub, learned from its 429s or hub_max_pending_spawns (+Inf: none known).",
+    ),
+    ("launcher_admission_spawns_pending", "spawns_pending", "Our spawns pending at the hub."),
+    ("launcher_admission_spawns_waiting", "spawns_waiting", "Launches waiting for one of our spawn slots."),
+)
+
+
+class _AdmissionCollector(Collector):
+    """The running service's admission state, one snapshot per scrape. A collector rather than
+    gauges that someone sets: the state changes on every hub request, and is read only here."""
+
+    def __init__(self) -> None:
+        self.admission: Admission | None = None
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return [GaugeMetricFamily(name, text) for name, _, text in _ADMISSION]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        if self.admission is None:
+            return []
+        state = self.admission.snapshot()
+        unknown = {"spawns_limit": math.inf}  # no limit known: unbounded
+        return [
+            GaugeMetricFamily(name, text, value=_number(state[key], unknown.get(key, math.nan)))
+            for name, key, text in _ADMISSION
+        ]
+
+
+def _number(value: float | None, unknown: float) -> float:
+    return unknown if value is None else float(value)
+
+
+_ADMISSION_COLLECTOR = _AdmissionCollector()
+REGISTRY.register(_ADMISSION_COLLECTOR)
+
+
+def watch_admission(admission: Admission) -> None:
+    """Report this admission control on /metrics (one launcher per process: the latest wins)."""
+    _ADMISSION_COLLECTOR.admission = admission
+
 
 # The hub client's paths, most specific first; each user- or server-chosen segment becomes a name.
 _ROUTES = [

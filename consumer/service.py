@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from . import metrics
 from .admission import Admission
 from .config import Settings
 from .expiry import Expiry
@@ -42,6 +43,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, started: 
             aiohttp.ClientSession(connector=connector) as session,
         ):
             admission = Admission(settings.hub_max_requests, settings.hub_max_pending_spawns)
+            metrics.watch_admission(admission)
             hub = HubClient(
                 session, settings.hub_api_url, settings.jupyterhub_api_token.get_secret_value(), admission=admission
             )

@@ -7,6 +7,7 @@ sees them go away and come back as it would on a network.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,8 +16,12 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
+from prometheus_client import generate_latest
+
+from consumer import metrics
+from consumer.admission import Admission
 from consumer.metrics import hub_route
-from tests.conftest import AMQP_URL, Client, delete_topology, make_settings, running_service
+from tests.conftest import AMQP_URL, Client, delete_topology, make_settings, running_service, unique
 from tests.support.localhub import LocalHub, free_port
 from tests.support.tcpcut import TcpCut
 
@@ -142,6 +147,48 @@ async def test_metrics_count_real_commands_by_action_and_outcome_without_user_na
         assert settings.jupyterhub_api_token.get_secret_value() not in after
     finally:
         await delete_topology(settings)
+
+
+async def test_metrics_show_the_launches_that_admission_control_holds_back(hub: LocalHub) -> None:
+    port = free_port()
+    settings = make_settings(hub, health_port=port, health_host="127.0.0.1", hub_max_pending_spawns=1)
+    users = [unique("m") for _ in range(3)]
+    try:
+        async with running_service(settings), Client(settings) as client:
+            ids = [await client.send({"action": "launch", "username": u, "image": "standin:slow-3"}) for u in users]
+            # One spawn pending at the hub (the fixed limit), the other two held back in the launcher.
+            async with asyncio.timeout(30):
+                while True:
+                    _, during = await get(port, "/metrics")
+                    if sample(during, "launcher_admission_launches_queued") == 2:
+                        break
+                    await asyncio.sleep(0.05)
+            replies = [await client.reply(i, 60) for i in ids]
+            _, after = await get(port, "/metrics")
+            for user in users:
+                assert (await client.call({"action": "remove", "username": user}))["ok"]
+    finally:
+        await delete_topology(settings)
+    assert [r["ok"] for r in replies] == [True] * 3, replies
+    assert sample(during, "launcher_admission_spawns_limit") == 1
+    assert sample(during, "launcher_admission_spawns_pending") == 1
+    assert sample(during, "launcher_admission_spawns_waiting") == 2
+    assert sample(after, "launcher_admission_launches_queued") == 0
+    assert sample(after, "launcher_admission_spawns_pending") == 0
+    # The hub answered cheap requests: the answer times are known, and the limit adapted from them.
+    assert sample(after, "launcher_admission_hub_idle_answer_seconds") > 0
+    assert sample(after, "launcher_admission_hub_answer_seconds") > 0
+    assert sample(after, "launcher_admission_hub_requests_limit") >= 1
+    assert not any(user in during + after for user in users)
+
+
+def test_admission_metrics_say_what_is_not_known_yet_and_report_fixed_limits() -> None:
+    metrics.watch_admission(Admission(max_requests=3))
+    text = generate_latest().decode()
+    assert sample(text, "launcher_admission_hub_requests_limit") == 3
+    assert sample(text, "launcher_admission_spawns_limit") == math.inf  # no spawn limit known
+    assert math.isnan(sample(text, "launcher_admission_hub_answer_seconds"))  # no answer seen
+    assert sample(text, "launcher_admission_launches_queued") == 0
 
 
 @pytest.mark.parametrize(

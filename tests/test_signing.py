@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from consumer.config import load_settings
 import json
 
+from consumer.config import load_settings
 from consumer.signing import (
     OPTIONS_EVENT_KEY,
     SIGNATURE_KEY,
