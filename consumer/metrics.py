@@ -59,7 +59,7 @@ _ADMISSION = (
     (
         "launcher_admission_launches_queued",
         "launches_queued",
-        "Launches held back in the launcher: their start request is not sent yet.",
+        "Launches whose start request is not sent yet: creating their user, or held back by admission control.",
     ),
     (
         "launcher_admission_hub_requests_limit",
@@ -71,19 +71,23 @@ _ADMISSION = (
     (
         "launcher_admission_hub_answer_seconds",
         "hub_answer_s",
-        "The hub's current answer time to cheap requests, smoothed (NaN: none seen yet).",
+        "The hub's answer time to cheap requests, smoothed, as of the latest one (NaN: none seen yet).",
     ),
     (
         "launcher_admission_hub_idle_answer_seconds",
         "hub_idle_answer_s",
-        "The hub's idle answer time: the fastest answer of the last few minutes (NaN: none seen yet).",
+        "The hub's idle answer time: the fastest in the 5 minutes up to the latest cheap answer (NaN: none yet).",
     ),
     (
         "launcher_admission_spawns_limit",
         "spawns_limit",
         "Our spawns allowed pending at the hub, learned from its 429s or hub_max_pending_spawns (+Inf: none known).",
     ),
-    ("launcher_admission_spawns_pending", "spawns_pending", "Our spawns pending at the hub."),
+    (
+        "launcher_admission_spawns_pending",
+        "spawns_pending",
+        "Our spawns pending at the hub, and our starts refused with 429 that wait for their retry.",
+    ),
     ("launcher_admission_spawns_waiting", "spawns_waiting", "Launches waiting for one of our spawn slots."),
 )
 
@@ -117,9 +121,11 @@ _ADMISSION_COLLECTOR = _AdmissionCollector()
 REGISTRY.register(_ADMISSION_COLLECTOR)
 
 
-def watch_admission(admission: Admission) -> None:
-    """Report this admission control on /metrics (one launcher per process: the latest wins)."""
-    _ADMISSION_COLLECTOR.admission = admission
+def watch_admission(admission: Admission | None) -> Admission | None:
+    """Report this admission control on /metrics (one launcher per process: the latest wins);
+    returns the one reported until now."""
+    previous, _ADMISSION_COLLECTOR.admission = _ADMISSION_COLLECTOR.admission, admission
+    return previous
 
 
 # The hub client's paths, most specific first; each user- or server-chosen segment becomes a name.

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from consumer import metrics
-from consumer.admission import Admission
+from consumer.admission import MAX_REQUESTS, MIN_REQUESTS, Admission
 from consumer.metrics import hub_route
 from tests.conftest import AMQP_URL, Client, delete_topology, make_settings, running_service, unique
 from tests.support.localhub import LocalHub, free_port
@@ -54,6 +54,13 @@ async def wait_for_status(port: int, path: str, status: int, timeout: float = 40
             if got == status:
                 return body
             await asyncio.sleep(0.05)
+
+
+def gauge(text: str, name: str) -> float:
+    """An unlabelled gauge's value from Prometheus text; fails when it is not there."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, f"{name} is not on /metrics"
+    return values[0]
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -156,11 +163,15 @@ async def test_metrics_show_the_launches_that_admission_control_holds_back(hub: 
     try:
         async with running_service(settings), Client(settings) as client:
             ids = [await client.send({"action": "launch", "username": u, "image": "standin:slow-3"}) for u in users]
-            # One spawn pending at the hub (the fixed limit), the other two held back in the launcher.
+            # One spawn pending at the hub (the fixed limit), the other two waiting for its slot: a
+            # state that lasts the spawn's 3 s (a launch creating its user also counts as queued).
             async with asyncio.timeout(30):
                 while True:
                     _, during = await get(port, "/metrics")
-                    if sample(during, "launcher_admission_launches_queued") == 2:
+                    if (
+                        gauge(during, "launcher_admission_spawns_pending") == 1
+                        and gauge(during, "launcher_admission_spawns_waiting") == 2
+                    ):
                         break
                     await asyncio.sleep(0.05)
             replies = [await client.reply(i, 60) for i in ids]
@@ -170,25 +181,28 @@ async def test_metrics_show_the_launches_that_admission_control_holds_back(hub: 
     finally:
         await delete_topology(settings)
     assert [r["ok"] for r in replies] == [True] * 3, replies
-    assert sample(during, "launcher_admission_spawns_limit") == 1
-    assert sample(during, "launcher_admission_spawns_pending") == 1
-    assert sample(during, "launcher_admission_spawns_waiting") == 2
-    assert sample(after, "launcher_admission_launches_queued") == 0
-    assert sample(after, "launcher_admission_spawns_pending") == 0
-    # The hub answered cheap requests: the answer times are known, and the limit adapted from them.
-    assert sample(after, "launcher_admission_hub_idle_answer_seconds") > 0
-    assert sample(after, "launcher_admission_hub_answer_seconds") > 0
-    assert sample(after, "launcher_admission_hub_requests_limit") >= 1
+    assert gauge(during, "launcher_admission_launches_queued") == 2
+    assert gauge(during, "launcher_admission_spawns_limit") == 1
+    assert gauge(after, "launcher_admission_launches_queued") == 0
+    assert gauge(after, "launcher_admission_spawns_pending") == 0
+    assert gauge(after, "launcher_admission_spawns_waiting") == 0
+    # The hub answered cheap requests: their answer times are known.
+    assert gauge(after, "launcher_admission_hub_idle_answer_seconds") > 0
+    assert gauge(after, "launcher_admission_hub_answer_seconds") > 0
+    assert MIN_REQUESTS <= gauge(after, "launcher_admission_hub_requests_limit") <= MAX_REQUESTS
     assert not any(user in during + after for user in users)
 
 
 def test_admission_metrics_say_what_is_not_known_yet_and_report_fixed_limits() -> None:
-    metrics.watch_admission(Admission(max_requests=3))
-    text = generate_latest().decode()
-    assert sample(text, "launcher_admission_hub_requests_limit") == 3
-    assert sample(text, "launcher_admission_spawns_limit") == math.inf  # no spawn limit known
-    assert math.isnan(sample(text, "launcher_admission_hub_answer_seconds"))  # no answer seen
-    assert sample(text, "launcher_admission_launches_queued") == 0
+    previous = metrics.watch_admission(Admission(max_requests=3))
+    try:
+        text = generate_latest().decode()
+    finally:
+        metrics.watch_admission(previous)
+    assert gauge(text, "launcher_admission_hub_requests_limit") == 3
+    assert gauge(text, "launcher_admission_spawns_limit") == math.inf  # no spawn limit known
+    assert math.isnan(gauge(text, "launcher_admission_hub_answer_seconds"))  # no answer seen
+    assert gauge(text, "launcher_admission_launches_queued") == 0
 
 
 @pytest.mark.parametrize(
