@@ -171,6 +171,11 @@ class Client:
     def events_for(self, correlation_id: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("correlationid") == correlation_id]
 
+    async def wait_for_event(self, correlation_id: str, event_type: str, timeout: float = 30) -> None:
+        async with asyncio.timeout(timeout):
+            while not any(e["type"] == event_type for e in self.events_for(correlation_id)):
+                await asyncio.sleep(0.05)
+
 
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[Client]:

@@ -32,6 +32,7 @@ from consumer.client import LauncherClient
 from consumer.config import Settings
 from schemas import ReadCommand
 from tests.conftest import AMQP_URL, Client, running_service, unique
+from tests.support.launcher_process import queued
 from tests.support.localhub import ROOT, LocalHub
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", f"redis://127.0.0.1:{os.environ.get('TEST_REDIS_PORT', '6390')}/0")
@@ -457,15 +458,6 @@ async def test_sigterm_lets_the_tasks_in_flight_finish_then_the_bridge_exits_0(
     assert exit_code == 0, bridge.log()
     assert isinstance(result, dict) and result["url"].endswith(f"/user/{username}/")
     assert (await client.call({"action": "remove", "username": username}))["ok"]
-
-
-async def queued(settings: Settings) -> int:
-    """Commands waiting in the launcher's queue (not yet delivered to a launcher)."""
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(settings.command_queue, passive=True)
-        return queue.declaration_result.message_count or 0
 
 
 def percentiles(values: list[float]) -> tuple[float, float]:

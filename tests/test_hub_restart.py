@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -23,8 +22,8 @@ from consumer.hub import HubClient
 from consumer.signing import signed_options
 from tests.conftest import Client, delete_topology, make_settings, running_service
 from tests.support.frontproxy import FrontProxy
+from tests.support.launcher_process import queued
 from tests.support.localhub import LocalHub, free_port
-from tests.test_resilience import queued, wait_for_event
 
 NO_ROUTE = "no route to the hub"  # what the launcher logs for a proxy's 404
 
@@ -55,16 +54,6 @@ def hub_client_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture
     return caplog
 
 
-def _launcher_requests(hub: LocalHub, username: str) -> list[str]:
-    """``"<status> <method> <path>"`` of the launcher's requests about ``username`` that reached the hub."""
-    found = []
-    for line in hub.log_path.read_text().splitlines():
-        match = re.search(r"\] (\d{3}) (\w+) (/hub/api/users/([^/ ?]+)\S*) \(launcher@", line)
-        if match and match.group(4) == username:
-            found.append(f"{match.group(1)} {match.group(2)} {match.group(3)}")
-    return found
-
-
 async def launcher_tokens(hub_api: HubClient, username: str) -> list[dict[str, Any]]:
     """The launcher's tokens for ``username`` that the hub still accepts (it lists no expired ones)."""
     return [t for t in await hub_api.list_tokens(username) if (t["note"] or "").startswith("jupyterhub-launcher")]
@@ -83,7 +72,7 @@ async def test_a_launch_following_a_healthy_spawn_through_a_hub_restart_ends_rea
 ) -> None:
     async with running_service(front_settings), Client(front_settings) as client:
         correlation_id = await client.send({"action": "launch", "username": username, "image": "standin:slow-8"})
-        await wait_for_event(client, correlation_id, "launch.progress")
+        await client.wait_for_event(correlation_id, "launch.progress")
         # The launch follows the spawn; the proxy goes away (the stream breaks) and comes back
         # without the hub's route, while the spawn goes on.
         await asyncio.to_thread(front.restart)
@@ -94,7 +83,7 @@ async def test_a_launch_following_a_healthy_spawn_through_a_hub_restart_ends_rea
     assert reply["ok"] is True, reply
     assert NO_ROUTE in caplog.text  # the launcher did meet the proxy's 404
     assert await status_with(reply["result"]["url"], reply["result"]["token"]) == 200
-    assert not [r for r in _launcher_requests(hub, username) if " DELETE " in r]
+    assert not [r for r in hub.launcher_requests(username) if " DELETE " in r]
 
 
 async def test_read_and_remove_sent_while_the_hub_has_no_route_wait_for_it_instead_of_answering_gone(
@@ -151,7 +140,7 @@ async def _fail_a_launch_while_the_hub_is_unavailable(
     correlation_id = await client.send(
         {"action": "launch", "username": username, "image": "standin:slow-8", "timeout": timeout}
     )
-    await wait_for_event(client, correlation_id, "launch.progress")
+    await client.wait_for_event(correlation_id, "launch.progress")
     await asyncio.to_thread(front.stop if proxy_down else front.restart)
     reply = await client.reply(correlation_id, timeout=120)
     elapsed = time.monotonic() - sent

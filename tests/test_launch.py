@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from typing import Any
 
 import aiohttp
@@ -293,17 +292,6 @@ async def test_a_launch_that_meets_someone_elses_pending_spawn_with_other_option
     assert server is not None and server["ready"] is True  # the other spawn was not stopped
 
 
-def _launcher_requests(hub: LocalHub, username: str) -> list[str]:
-    """The hub's request log for the launcher's requests about ``username``, in the order answered:
-    ``"<status> <method> <path>"``."""
-    found = []
-    for line in hub.log_path.read_text().splitlines():
-        match = re.search(r"\] (\d{3}) (\w+) (/hub/api/users/([^/ ?]+)\S*) \(launcher@", line)
-        if match and match.group(4) == username:
-            found.append(f"{match.group(1)} {match.group(2)} {match.group(3)}")
-    return found
-
-
 @pytest.fixture(scope="module")
 def slow_answering_hub():
     """A hub that holds start requests 2 s (JupyterHub's default is 10 s) before answering 202."""
@@ -323,7 +311,7 @@ async def _slow_launch(hub: LocalHub, username: str, monkeypatch: pytest.MonkeyP
     finally:
         await delete_topology(settings)
     assert reply["ok"] is True, reply
-    return _launcher_requests(hub, username)
+    return hub.launcher_requests(username)
 
 
 async def test_a_slow_spawn_whose_options_the_spawner_confirms_in_its_progress_needs_no_model_read(
@@ -401,7 +389,7 @@ async def test_a_launch_whose_start_is_answered_201_does_not_read_the_server_mod
 ) -> None:
     reply = await client.call({"action": "launch", "username": username, "image": "standin"})
     assert reply["ok"] is True, reply
-    requests = _launcher_requests(hub, username)
+    requests = hub.launcher_requests(username)
     assert f"201 POST /hub/api/users/{username}/server" in requests, requests
     assert f"201 POST /hub/api/users/{username}/tokens" in requests, requests
     assert not [r for r in requests if r.endswith(f"GET /hub/api/users/{username}")], requests

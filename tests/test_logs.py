@@ -6,7 +6,6 @@ import asyncio
 import io
 import json
 import logging
-import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,8 @@ import pytest
 from consumer import logs
 from consumer.config import Settings, load_settings
 from tests.conftest import AMQP_URL, Client
-from tests.support.localhub import ROOT, LocalHub
+from tests.support.launcher_process import launcher_env
+from tests.support.localhub import LocalHub
 
 HUB_TOKEN = "hub-token-0123456789abcdef"
 AMQP_PASSWORD = "p@ss/w0rd:x"  # needs escaping in a URL: amqp://launcher:p%40ss%2Fw0rd%3Ax@...
@@ -161,20 +161,7 @@ async def test_json_logs_of_real_commands_at_debug_parse_line_by_line_with_no_se
     """The launcher as run in production: a process, JSON logs at DEBUG, a launch, a read, a remove
     and an invalid command against the real hub and broker."""
     log_path = tmp_path / "launcher.log"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("LAUNCHER_", "JUPYTERHUB_"))},
-        "PYTHONPATH": str(ROOT),
-        "LAUNCHER_LOG_LEVEL": "DEBUG",
-        "LAUNCHER_LOG_FORMAT": "json",
-        "LAUNCHER_HEALTH_PORT": "0",
-        "LAUNCHER_JUPYTERHUB_URL": hub.url,
-        "LAUNCHER_JUPYTERHUB_API_TOKEN": hub.token,
-        "LAUNCHER_SPAWNER_SIGNING_KEY": hub.signing_key,  # the hub starts only signed options
-        "LAUNCHER_AMQP_URL": AMQP_URL,
-        "LAUNCHER_COMMAND_QUEUE": settings.command_queue,
-        "LAUNCHER_REPLY_EXCHANGE": settings.reply_exchange,
-        "LAUNCHER_EVENTS_EXCHANGE": settings.events_exchange,
-    }
+    env = launcher_env(settings, LAUNCHER_LOG_LEVEL="DEBUG", LAUNCHER_LOG_FORMAT="json", LAUNCHER_HEALTH_PORT="0")
     with log_path.open("wb") as log_file:  # a file, not a pipe: a full pipe would block the launcher
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "consumer", "run", cwd=tmp_path, env=env, stderr=log_file

@@ -37,12 +37,6 @@ class RecordingClient(Client):
         await super()._on_reply(message)
 
 
-async def wait_for_event(client: Client, correlation_id: str, event_type: str, timeout: float = 60) -> None:
-    async with asyncio.timeout(timeout):
-        while not any(e["type"] == event_type for e in client.events_for(correlation_id)):
-            await asyncio.sleep(0.05)
-
-
 def event_time(client: Client, correlation_id: str, event_type: str) -> str:
     (event,) = [e for e in client.events_for(correlation_id) if e["type"] == event_type]
     return str(event["time"])
@@ -155,7 +149,7 @@ async def test_on_sigterm_the_standby_takes_over_and_a_remove_waits_for_the_old_
     new = await (await Replica(settings, tmp_path / "new.log").start()).consuming()
     try:
         launch_id = await client.send({"action": "launch", "username": username, "image": "standin:slow-4"})
-        await wait_for_event(client, launch_id, "launch.progress")  # the start is pending on the hub
+        await client.wait_for_event(launch_id, "launch.progress", timeout=60)  # the start is pending on the hub
         assert old.active and not new.active
 
         old.signal(signal.SIGTERM)

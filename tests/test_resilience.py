@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,55 +12,22 @@ import aio_pika
 
 from consumer.config import Settings
 from tests.conftest import AMQP_URL, Client, delete_topology, make_settings, running_service, unique
+from tests.support.launcher_process import launcher_env, queued, wait_for_queue
 from tests.support.localhub import ROOT, LocalHub
 from tests.support.rabbitnode import RabbitNode
-
-
-async def queued(settings: Settings) -> int:
-    """Ready (not delivered) messages in the command queue."""
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(settings.command_queue, passive=True)
-        return queue.declaration_result.message_count or 0
-
-
-async def wait_for_event(client: Client, correlation_id: str, event_type: str, timeout: float = 30) -> None:
-    async with asyncio.timeout(timeout):
-        while not any(e["type"] == event_type for e in client.events_for(correlation_id)):
-            await asyncio.sleep(0.05)
 
 
 async def test_sigterm_lets_a_running_launch_finish_then_exits_0_and_logs_no_secret(
     hub: LocalHub, settings: Settings, client: Client, username: str
 ) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "LAUNCHER_LOG_LEVEL": "DEBUG",
-        "LAUNCHER_JUPYTERHUB_URL": hub.url,
-        "LAUNCHER_JUPYTERHUB_API_TOKEN": hub.token,
-        "LAUNCHER_SPAWNER_SIGNING_KEY": hub.signing_key,
-        "LAUNCHER_AMQP_URL": AMQP_URL,
-        "LAUNCHER_COMMAND_QUEUE": settings.command_queue,
-        "LAUNCHER_REPLY_EXCHANGE": settings.reply_exchange,
-        "LAUNCHER_EVENTS_EXCHANGE": settings.events_exchange,
-        "LAUNCHER_SHUTDOWN_GRACE": "20",
-    }
+    env = launcher_env(settings, LAUNCHER_LOG_LEVEL="DEBUG", LAUNCHER_SHUTDOWN_GRACE="20")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "consumer", "run", cwd=ROOT / "tests", env=env, stderr=subprocess.PIPE
     )
     try:
-        # The consumer declares the queue; publish once it exists.
-        async with asyncio.timeout(30):
-            while True:
-                try:
-                    await queued(settings)
-                    break
-                except aio_pika.exceptions.ChannelNotFoundEntity:
-                    await asyncio.sleep(0.2)
+        await wait_for_queue(settings)  # the consumer declares it; publish once it exists
         correlation_id = await client.send({"action": "launch", "username": username, "image": "standin:slow-3"})
-        await wait_for_event(client, correlation_id, "launch.accepted")
+        await client.wait_for_event(correlation_id, "launch.accepted")
         process.send_signal(signal.SIGTERM)
         reply = await client.reply(correlation_id, timeout=30)
         assert reply["ok"] is True, reply
@@ -84,7 +50,7 @@ async def test_command_interrupted_after_the_grace_period_is_requeued_and_finish
     settings = client.settings.model_copy(update={"shutdown_grace": 0.5})
     async with running_service(settings):
         correlation_id = await client.send({"action": "launch", "username": username, "image": "standin:slow-4"})
-        await wait_for_event(client, correlation_id, "launch.accepted")
+        await client.wait_for_event(correlation_id, "launch.accepted")
     assert await queued(settings) == 1
     assert not client.replies[correlation_id].done()
 
@@ -102,7 +68,7 @@ async def test_a_copy_of_a_running_command_joins_it_instead_of_launching_twice(
 ) -> None:
     command = {"action": "launch", "username": username, "image": "standin:slow-2"}
     correlation_id = await client.send(command, message_id="same-id")
-    await wait_for_event(client, correlation_id, "launch.accepted")
+    await client.wait_for_event(correlation_id, "launch.accepted")
     await client.send(command, correlation_id=correlation_id, message_id="same-id")
 
     reply = await client.reply(correlation_id, timeout=60)
@@ -193,7 +159,7 @@ async def test_a_launch_survives_the_loss_of_the_consumers_broker_connection(
     service: None, client: Client, settings: Settings, username: str
 ) -> None:
     correlation_id = await client.send({"action": "launch", "username": username, "image": "standin:slow-4"})
-    await wait_for_event(client, correlation_id, "launch.accepted")
+    await client.wait_for_event(correlation_id, "launch.accepted")
     await asyncio.to_thread(_close_connection, f"jupyterhub-launcher {settings.command_queue}")
 
     reply = await client.reply(correlation_id, timeout=90)
@@ -239,7 +205,7 @@ async def test_a_launch_in_flight_survives_a_broker_restart(hub: LocalHub, usern
                 correlation_id = await client.send(
                     {"action": "launch", "username": username, "image": "standin:slow-3"}
                 )
-                await wait_for_event(client, correlation_id, "launch.accepted")
+                await client.wait_for_event(correlation_id, "launch.accepted")
                 await asyncio.to_thread(node.restart)
 
                 # The durable command comes back to the reconnected consumer, whose launch finds the

@@ -7,22 +7,20 @@ Leaked tokens are counted from the hub's own listing of the user's unexpired tok
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
 
-import aio_pika
 import aiohttp
 import pytest
 
 from consumer.cleanup import CleanUp, token_note, undo
 from consumer.config import Settings
 from consumer.hub import HubClient
-from tests.conftest import AMQP_URL, Client, running_service
+from tests.conftest import Client, running_service
+from tests.support.launcher_process import launcher_env, wait_for_queue
 from tests.support.localhub import ROOT, LocalHub
-from tests.test_hub_restart import _launcher_requests, launcher_tokens, status_with
-from tests.test_resilience import queued
+from tests.test_hub_restart import launcher_tokens, status_with
 
 
 @pytest.fixture
@@ -54,7 +52,7 @@ async def test_a_first_launch_lists_no_tokens_so_its_path_keeps_its_hub_requests
 ) -> None:
     reply = await client.call({"action": "launch", "username": username, "image": "standin"})
     assert reply["ok"], reply
-    requests = _launcher_requests(hub, username)
+    requests = hub.launcher_requests(username)
     assert f"201 POST /hub/api/users/{username}/tokens" in requests, requests
     assert not [r for r in requests if r.endswith(f"GET /hub/api/users/{username}/tokens")], requests
     assert len(requests) <= 5, requests
@@ -81,26 +79,10 @@ async def test_remove_revokes_the_servers_tokens_so_the_old_one_does_not_open_th
 async def test_a_launch_re_run_after_its_consumer_was_killed_leaves_only_the_replied_token_valid(
     hub: LocalHub, settings: Settings, client: Client, username: str, hub_api: HubClient
 ) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "LAUNCHER_JUPYTERHUB_URL": hub.url,
-        "LAUNCHER_JUPYTERHUB_API_TOKEN": hub.token,
-        "LAUNCHER_SPAWNER_SIGNING_KEY": hub.signing_key,
-        "LAUNCHER_AMQP_URL": AMQP_URL,
-        "LAUNCHER_COMMAND_QUEUE": settings.command_queue,
-        "LAUNCHER_REPLY_EXCHANGE": settings.reply_exchange,
-        "LAUNCHER_EVENTS_EXCHANGE": settings.events_exchange,
-    }
+    env = launcher_env(settings)
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "consumer", "run", cwd=ROOT / "tests", env=env)
     try:
-        async with asyncio.timeout(30):
-            while True:
-                try:
-                    await queued(settings)
-                    break
-                except aio_pika.exceptions.ChannelNotFoundEntity:
-                    await asyncio.sleep(0.2)
+        await wait_for_queue(settings)
         correlation_id = await client.send({"action": "launch", "username": username, "image": "standin:slow-4"})
         async with asyncio.timeout(30):
             while not await launcher_tokens(hub_api, username):  # the first run has its token

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -120,6 +121,16 @@ class LocalHub:
         if self.process is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
+
+    def launcher_requests(self, username: str) -> list[str]:
+        """The launcher's requests about ``username`` in the hub's request log, in the order
+        answered: ``"<status> <method> <path>"``."""
+        found = []
+        for line in self.log_path.read_text().splitlines():
+            match = re.search(r"\] (\d{3}) (\w+) (/hub/api/users/([^/ ?]+)\S*) \(launcher@", line)
+            if match and match.group(4) == username:
+                found.append(f"{match.group(1)} {match.group(2)} {match.group(3)}")
+        return found
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
 from consumer.config import Settings
+from tests.support.launcher_process import launcher_env
 from tests.support.localhub import ROOT
 
 ACTIVE_LINE = "active consumer of"  # logged by the broker layer on a replica's first delivery
@@ -27,21 +27,14 @@ class Replica:
 
     async def start(self) -> Replica:
         s = self.settings
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "LAUNCHER_JUPYTERHUB_URL": str(s.jupyterhub_url),
-            "LAUNCHER_JUPYTERHUB_API_TOKEN": s.jupyterhub_api_token.get_secret_value(),
-            "LAUNCHER_SPAWNER_SIGNING_KEY": s.spawner_signing_key.get_secret_value(),
-            "LAUNCHER_AMQP_URL": self.amqp_url,
-            "LAUNCHER_COMMAND_QUEUE": s.command_queue,
-            "LAUNCHER_REPLY_EXCHANGE": s.reply_exchange,
-            "LAUNCHER_EVENTS_EXCHANGE": s.events_exchange,
-            "LAUNCHER_SHUTDOWN_GRACE": str(s.shutdown_grace),
-            "LAUNCHER_LAUNCH_TIMEOUT": str(s.launch_timeout),
-            "LAUNCHER_STATUS_CHECK_INTERVAL": str(s.status_check_interval),
+        env = launcher_env(
+            s,
+            LAUNCHER_AMQP_URL=self.amqp_url,
+            LAUNCHER_SHUTDOWN_GRACE=str(s.shutdown_grace),
+            LAUNCHER_LAUNCH_TIMEOUT=str(s.launch_timeout),
+            LAUNCHER_STATUS_CHECK_INTERVAL=str(s.status_check_interval),
             **self.env,
-        }
+        )
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
