@@ -30,6 +30,7 @@ import aiohttp
 
 from .hub import CONFIG, BenchHub
 from .procstat import tree_cpu_seconds, usage
+from .report import text_table
 from .scenarios import image, new_users
 from .services import Names, RpcClient, consumer_process, delete_topology
 from .stats import summary
@@ -233,13 +234,7 @@ def table(rounds: list[dict[str, Any]]) -> str:
                 str(r["max_concurrency"]),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = []
-    for index, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-        if index == 0:
-            lines.append("  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return "\n".join(text_table(rows))
 
 
 def targets(rounds: list[dict[str, Any]]) -> list[str]:

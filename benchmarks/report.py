@@ -216,15 +216,19 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
-def format_table(results: dict[str, Any]) -> str:
-    rows = [COLUMNS, *table_rows(results)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+def text_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells as left-aligned columns; the first row is the header, underlined."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
         if index == 0:
             lines.append("  ".join("-" * width for width in widths))
-    lines.append("")
+    return lines
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [*text_table([COLUMNS, *table_rows(results)]), ""]
     for target in results["targets"]:
         lines.append(f"[{target['status']:>4}] {target['target']}: {target['measured']}")
     return "\n".join(lines)

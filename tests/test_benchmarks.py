@@ -15,34 +15,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.timeout(600)
-def test_a_tiny_benchmark_prints_the_table_and_writes_every_figure(tmp_path: Path) -> None:
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--n",
-            "2",
-            "--delays",
-            "0,1",
-            "--capacity",
-            "3",
-            "--capacity-delay",
-            "1",
-            "--read-seconds",
-            "1",
-            "--legacy-a-max",
-            "2",
-            "--out",
-            str(tmp_path),
-        ],
+def bench(out: Path, **options: str) -> subprocess.CompletedProcess[str]:
+    """``python -m benchmarks --<option> <value> ...`` (``class_n``: ``--class-n``), its results
+    written to ``out``."""
+    args = [arg for name, value in options.items() for arg in (f"--{name.replace('_', '-')}", value)]
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=540,
         check=False,
     )
+
+
+@pytest.mark.timeout(600)
+def test_a_tiny_benchmark_prints_the_table_and_writes_every_figure(tmp_path: Path) -> None:
+    run = bench(tmp_path, n="2", delays="0,1", capacity="3", capacity_delay="1", read_seconds="1", legacy_a_max="2")
     assert run.returncode == 0, run.stdout + run.stderr
 
     for row in (
@@ -82,29 +71,8 @@ def test_a_tiny_benchmark_prints_the_table_and_writes_every_figure(tmp_path: Pat
 
 @pytest.mark.timeout(600)
 def test_a_tiny_class_start_prints_its_table_with_this_checkout_and_a_baseline(tmp_path: Path) -> None:
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--only",
-            "class_start",
-            "--class-n",
-            "4",
-            "--class-cases",
-            "0:0,2:1",
-            "--class-idle",
-            "0.5",
-            "--class-base",
-            str(ROOT),
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=540,
-        check=False,
+    run = bench(
+        tmp_path, only="class_start", class_n="4", class_cases="0:0,2:1", class_idle="0.5", class_base=str(ROOT)
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "class start (scenario 6)" in run.stdout, run.stdout

@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 from consumer import logs
 from consumer.config import Settings, load_settings
 from tests.conftest import AMQP_URL, Client
-from tests.support.launcher_process import launcher_env
+from tests.support.launcher_process import launcher_process, settings_env
 from tests.support.localhub import LocalHub
 
 HUB_TOKEN = "hub-token-0123456789abcdef"
@@ -161,12 +160,9 @@ async def test_json_logs_of_real_commands_at_debug_parse_line_by_line_with_no_se
     """The launcher as run in production: a process, JSON logs at DEBUG, a launch, a read, a remove
     and an invalid command against the real hub and broker."""
     log_path = tmp_path / "launcher.log"
-    env = launcher_env(settings, LAUNCHER_LOG_LEVEL="DEBUG", LAUNCHER_LOG_FORMAT="json", LAUNCHER_HEALTH_PORT="0")
+    env = settings_env(settings, log_level="DEBUG", log_format="json", health_port=0)
     with log_path.open("wb") as log_file:  # a file, not a pipe: a full pipe would block the launcher
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "consumer", "run", cwd=tmp_path, env=env, stderr=log_file
-        )
-        try:
+        async with launcher_process(env, tmp_path, stderr=log_file) as process:
             async with asyncio.timeout(60):
                 while "consuming " + settings.command_queue not in log_path.read_text():
                     await asyncio.sleep(0.2)
@@ -180,10 +176,6 @@ async def test_json_logs_of_real_commands_at_debug_parse_line_by_line_with_no_se
             invalid = await client.reply(invalid_id)
             process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(process.wait(), 60) == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
     assert launched["ok"] and read["ok"] and removed["ok"], (launched, read, removed)
     assert invalid["error"]["code"] == "invalid_command"
 

@@ -6,13 +6,12 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 
 import aio_pika
 
 from consumer.config import Settings
 from tests.conftest import AMQP_URL, Client, delete_topology, make_settings, running_service, unique
-from tests.support.launcher_process import launcher_env, queued, wait_for_queue
+from tests.support.launcher_process import launcher_process, queued, settings_env, wait_for_queue
 from tests.support.localhub import ROOT, LocalHub
 from tests.support.rabbitnode import RabbitNode
 
@@ -20,11 +19,8 @@ from tests.support.rabbitnode import RabbitNode
 async def test_sigterm_lets_a_running_launch_finish_then_exits_0_and_logs_no_secret(
     hub: LocalHub, settings: Settings, client: Client, username: str
 ) -> None:
-    env = launcher_env(settings, LAUNCHER_LOG_LEVEL="DEBUG", LAUNCHER_SHUTDOWN_GRACE="20")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer", "run", cwd=ROOT / "tests", env=env, stderr=subprocess.PIPE
-    )
-    try:
+    env = settings_env(settings, log_level="DEBUG", shutdown_grace=20)
+    async with launcher_process(env, ROOT / "tests", stderr=subprocess.PIPE) as process:
         await wait_for_queue(settings)  # the consumer declares it; publish once it exists
         correlation_id = await client.send({"action": "launch", "username": username, "image": "standin:slow-3"})
         await client.wait_for_event(correlation_id, "launch.accepted")
@@ -32,10 +28,6 @@ async def test_sigterm_lets_a_running_launch_finish_then_exits_0_and_logs_no_sec
         reply = await client.reply(correlation_id, timeout=30)
         assert reply["ok"] is True, reply
         assert await asyncio.wait_for(process.wait(), 30) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert process.stderr is not None
     log = (await process.stderr.read()).decode()
     assert "shutting down" in log and "launch " + username in log

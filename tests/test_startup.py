@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import signal
 import subprocess
@@ -21,35 +20,11 @@ from consumer.config import Settings
 from consumer.hub import HubClient
 from consumer.hubcheck import HubCheck
 from tests.conftest import make_settings
+from tests.support.launcher_process import launcher_env, launcher_process, settings_env
 from tests.support.localhub import ROOT, LocalHub, free_port
 
 PASSWORD = "s3cret-pw-4711"
 HUB_TOKEN_MARK = "wrong-s3cret-token"
-
-
-def launcher_env(**values: str | float) -> dict[str, str]:
-    """The environment of a launcher process: nothing inherited that configures it, then ``values``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("LAUNCHER_") and k not in ("JUPYTERHUB_API_TOKEN", "JUPYTERHUB_API_URL")
-    }
-    env["PYTHONPATH"] = str(ROOT)
-    env.update({f"LAUNCHER_{key.upper()}": str(value) for key, value in values.items()})
-    return env
-
-
-def settings_env(settings: Settings, **values: str | float) -> dict[str, str]:
-    """Environment for a launcher configured as ``settings`` (its hub, its unique queue names)."""
-    configured: dict[str, str | float] = {
-        "jupyterhub_url": str(settings.jupyterhub_url),
-        "jupyterhub_api_token": settings.jupyterhub_api_token.get_secret_value(),
-        "amqp_url": settings.amqp_url.get_secret_value(),
-        "command_queue": settings.command_queue,
-        "reply_exchange": settings.reply_exchange,
-        "events_exchange": settings.events_exchange,
-    }
-    return launcher_env(**(configured | values))
 
 
 def run_launcher(env: dict[str, str], cwd: Path, timeout: float = 120) -> tuple[int, list[str], float]:
@@ -159,19 +134,12 @@ async def test_a_signal_while_the_broker_does_not_answer_stops_start_up_promptly
         settings = make_settings(hub, amqp_url=f"amqp://guest:{PASSWORD}@127.0.0.1:{broker.port}/")
         # Without the signal it would wait 300 s.
         env = settings_env(settings, amqp_connect_timeout=300)
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "consumer", "run", cwd=tmp_path, env=env, stderr=subprocess.PIPE
-        )
-        try:
+        async with launcher_process(env, tmp_path, stderr=subprocess.PIPE) as process:
             await asyncio.wait_for(broker.connected.wait(), 60)
             signalled = time.monotonic()
             process.send_signal(sig)
             code = await asyncio.wait_for(process.wait(), 60)
             print(f"exited {code} {time.monotonic() - signalled:.2f} s after {sig.name}")
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
     assert process.stderr is not None
     log = (await process.stderr.read()).decode()
     print(log)
@@ -229,21 +197,16 @@ async def test_start_up_waits_for_a_broker_that_comes_up_within_amqp_startup_tim
 ) -> None:
     late = LateBroker()
     env = settings_env(settings, amqp_url=f"amqp://guest:guest@127.0.0.1:{late.port}/", amqp_startup_timeout=60)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer", "run", cwd=tmp_path, env=env, stderr=subprocess.PIPE
-    )
     seen: list[str] = []
     try:
-        assert process.stderr is not None
-        await read_until(process.stderr, seen, "trying again in 1 s")  # refused: nothing listens yet
-        await late.open()
-        await read_until(process.stderr, seen, "consuming " + settings.command_queue)
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 60) == 0
+        async with launcher_process(env, tmp_path, stderr=subprocess.PIPE) as process:
+            assert process.stderr is not None
+            await read_until(process.stderr, seen, "trying again in 1 s")  # refused: nothing listens yet
+            await late.open()
+            await read_until(process.stderr, seen, "consuming " + settings.command_queue)
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), 60) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
         await late.close()
     assert not error_lines(seen), seen  # a broker that came in time is no error
 
@@ -272,11 +235,8 @@ async def test_a_wrong_hub_token_or_an_unreachable_hub_is_logged_at_start_up_and
         expected = ["unreachable (GET /: ", "Connect"]
     env = settings_env(settings, hub_check_interval=1)
     env.update({f"LAUNCHER_{k.upper()}": v for k, v in values.items()})
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer", "run", cwd=tmp_path, env=env, stderr=subprocess.PIPE
-    )
     seen: list[str] = []
-    try:
+    async with launcher_process(env, tmp_path, stderr=subprocess.PIPE) as process:
         assert process.stderr is not None
         await read_until(process.stderr, seen, "ERROR consumer.hubcheck")
         first = next(line for line in seen if "ERROR consumer.hubcheck" in line)
@@ -289,10 +249,6 @@ async def test_a_wrong_hub_token_or_an_unreachable_hub_is_logged_at_start_up_and
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 60) == 0
         seen += (await process.stderr.read()).decode().splitlines()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     log = "\n".join(seen)
     assert HUB_TOKEN_MARK not in log and hub.token[:8] not in log and "Traceback" not in log
 

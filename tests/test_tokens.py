@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -18,7 +17,7 @@ from consumer.cleanup import CleanUp, token_note, undo
 from consumer.config import Settings
 from consumer.hub import HubClient
 from tests.conftest import Client, running_service
-from tests.support.launcher_process import launcher_env, wait_for_queue
+from tests.support.launcher_process import launcher_process, settings_env, wait_for_queue
 from tests.support.localhub import ROOT, LocalHub
 from tests.test_hub_restart import launcher_tokens, status_with
 
@@ -79,9 +78,7 @@ async def test_remove_revokes_the_servers_tokens_so_the_old_one_does_not_open_th
 async def test_a_launch_re_run_after_its_consumer_was_killed_leaves_only_the_replied_token_valid(
     hub: LocalHub, settings: Settings, client: Client, username: str, hub_api: HubClient
 ) -> None:
-    env = launcher_env(settings)
-    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "consumer", "run", cwd=ROOT / "tests", env=env)
-    try:
+    async with launcher_process(settings_env(settings), ROOT / "tests") as process:
         await wait_for_queue(settings)
         correlation_id = await client.send({"action": "launch", "username": username, "image": "standin:slow-4"})
         async with asyncio.timeout(30):
@@ -89,10 +86,6 @@ async def test_a_launch_re_run_after_its_consumer_was_killed_leaves_only_the_rep
                 await asyncio.sleep(0.1)
         process.send_signal(signal.SIGKILL)
         await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert not client.replies[correlation_id].done()
 
     async with running_service(settings):

@@ -4,7 +4,12 @@ Deployment configures it, and the command queue it declares: for the tests that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import aio_pika
 
@@ -12,22 +17,48 @@ from consumer.config import Settings
 from tests.support.localhub import ROOT
 
 
-def launcher_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment of a launcher process with the hub, the broker and the names of
-    ``settings``, plus ``extra`` (``LAUNCHER_*`` variables). The test run's own ``LAUNCHER_*`` and
-    ``JUPYTERHUB_*`` variables are left out: they would change what the process reads."""
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("LAUNCHER_", "JUPYTERHUB_"))}
-    return inherited | {
-        "PYTHONPATH": str(ROOT),
-        "LAUNCHER_JUPYTERHUB_URL": str(settings.jupyterhub_url),
-        "LAUNCHER_JUPYTERHUB_API_TOKEN": settings.jupyterhub_api_token.get_secret_value(),
-        "LAUNCHER_SPAWNER_SIGNING_KEY": settings.spawner_signing_key.get_secret_value(),
-        "LAUNCHER_AMQP_URL": settings.amqp_url.get_secret_value(),
-        "LAUNCHER_COMMAND_QUEUE": settings.command_queue,
-        "LAUNCHER_REPLY_EXCHANGE": settings.reply_exchange,
-        "LAUNCHER_EVENTS_EXCHANGE": settings.events_exchange,
-        **extra,
+def launcher_env(**values: str | float) -> dict[str, str]:
+    """The environment of a launcher process: nothing inherited that configures it (the test run's
+    own ``LAUNCHER_*`` or hub variables), then ``values`` as settings (``log_level="DEBUG"`` is
+    ``LAUNCHER_LOG_LEVEL=DEBUG``)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("LAUNCHER_") and k not in ("JUPYTERHUB_API_TOKEN", "JUPYTERHUB_API_URL")
     }
+    env["PYTHONPATH"] = str(ROOT)
+    env.update({f"LAUNCHER_{key.upper()}": str(value) for key, value in values.items()})
+    return env
+
+
+def settings_env(settings: Settings, **values: str | float) -> dict[str, str]:
+    """The environment of a launcher configured as ``settings`` (its hub, its signing key, its broker
+    and unique names, its health port: 0 in tests, so that launchers side by side do not collide),
+    then ``values``."""
+    configured: dict[str, str | float] = {
+        "jupyterhub_url": str(settings.jupyterhub_url),
+        "jupyterhub_api_token": settings.jupyterhub_api_token.get_secret_value(),
+        "spawner_signing_key": settings.spawner_signing_key.get_secret_value(),
+        "amqp_url": settings.amqp_url.get_secret_value(),
+        "command_queue": settings.command_queue,
+        "reply_exchange": settings.reply_exchange,
+        "events_exchange": settings.events_exchange,
+        "health_port": settings.health_port,
+    }
+    return launcher_env(**(configured | values))
+
+
+@contextlib.asynccontextmanager
+async def launcher_process(env: dict[str, str], cwd: Path, **streams: Any) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m consumer run`` with ``env`` (``streams``: ``stderr=...`` and the like), killed on
+    the way out if it still runs: a test that failed halfway leaves no launcher consuming."""
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "consumer", "run", cwd=cwd, env=env, **streams)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def queued(settings: Settings) -> int:

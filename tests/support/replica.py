@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from consumer.config import Settings
-from tests.support.launcher_process import launcher_env
+from tests.support.launcher_process import settings_env
 from tests.support.localhub import ROOT
 
 ACTIVE_LINE = "active consumer of"  # logged by the broker layer on a replica's first delivery
@@ -27,13 +27,15 @@ class Replica:
 
     async def start(self) -> Replica:
         s = self.settings
-        env = launcher_env(
-            s,
-            LAUNCHER_AMQP_URL=self.amqp_url,
-            LAUNCHER_SHUTDOWN_GRACE=str(s.shutdown_grace),
-            LAUNCHER_LAUNCH_TIMEOUT=str(s.launch_timeout),
-            LAUNCHER_STATUS_CHECK_INTERVAL=str(s.status_check_interval),
-            **self.env,
+        env = (
+            settings_env(
+                s,
+                amqp_url=self.amqp_url,
+                shutdown_grace=s.shutdown_grace,
+                launch_timeout=s.launch_timeout,
+                status_check_interval=s.status_check_interval,
+            )
+            | self.env
         )
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
